@@ -1,0 +1,262 @@
+"""ResNet/ResNeXt backbone with FPN P2-P6 and the extended level P'2 (Sec. III-A, Table I)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models import resnet
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from .ftt import build_sr_module, crop_to
+
+__all__ = [
+    "BACKBONES",
+    "EFPNBackbone",
+    "ExtendedLevel",
+    "FeaturePyramidNetworkWithInner",
+    "LEVEL_STRIDES",
+    "resnet_efpn_backbone",
+]
+
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnext50_32x4d", "resnext101_32x8d")
+LEVEL_STRIDES = OrderedDict([("p2x", 2), ("0", 4), ("1", 8), ("2", 16), ("3", 32), ("pool", 64)])
+
+
+class FeaturePyramidNetworkWithInner(FeaturePyramidNetwork):
+    """torchvision's FPN that can also return its inner maps (lateral + top-down, before
+    the 3x3 output conv), which the authors' code feeds to FTT. Same parameters and keys."""
+
+    def forward_with_inner(
+        self, x: dict[str, Tensor]
+    ) -> tuple[OrderedDict[str, Tensor], list[Tensor]]:
+        names = list(x.keys())
+        feats = list(x.values())
+        last_inner = self.get_result_from_inner_blocks(feats[-1], -1)
+        inners = [last_inner]
+        results = [self.get_result_from_layer_blocks(last_inner, -1)]
+        for idx in range(len(feats) - 2, -1, -1):
+            lateral = self.get_result_from_inner_blocks(feats[idx], idx)
+            top_down = F.interpolate(last_inner, size=lateral.shape[-2:], mode="nearest")
+            last_inner = lateral + top_down
+            inners.insert(0, last_inner)
+            results.insert(0, self.get_result_from_layer_blocks(last_inner, idx))
+        if self.extra_blocks is not None:
+            results, names = self.extra_blocks(results, feats, names)
+        return OrderedDict(zip(names, results, strict=False)), inners
+
+
+def _init_conv(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_uniform_(m.weight, a=1)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+class ExtendedLevel(nn.Module):
+    """The bottom extension of EFPN: SR module, then Eq. (1) with a 3x3 output conv.
+
+    ``P'3 = SR(P2, P3)`` and ``P'2 = conv3x3(nearest_up2(P'3) + lateral_1x1(C'2))``.
+
+    Args:
+        c2_channels: channels of C'2 (layer1 output: 256 for ResNet-50, 64 for ResNet-18).
+        channels: pyramid channels.
+        sr_module: ``"ftt"``, ``"espcn"`` or ``"nearest"``.
+        sr_kwargs: keyword arguments of the SR module (for FTT: width, block counts).
+        out_width: channels of the 3x3 output conv's hidden map; ``None`` keeps the
+            single conv of the paper, a smaller value makes P'2 cheaper (1x1 down,
+            3x3, 1x1 up).
+    """
+
+    def __init__(
+        self,
+        c2_channels: int,
+        channels: int = 256,
+        sr_module: str = "ftt",
+        sr_kwargs: dict[str, Any] | None = None,
+        out_width: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.sr = build_sr_module(sr_module, channels, **(sr_kwargs or {}))
+        self.lateral = nn.Conv2d(c2_channels, channels, 1)
+        if out_width is None or out_width >= channels:
+            self.output = nn.Conv2d(channels, channels, 3, padding=1)
+        else:
+            self.output = nn.Sequential(
+                nn.Conv2d(channels, out_width, 1),
+                nn.Conv2d(out_width, out_width, 3, padding=1),
+                nn.Conv2d(out_width, channels, 1),
+            )
+        _init_conv(self.lateral)
+        _init_conv(self.output)
+
+    def forward(self, c2x: Tensor, p2: Tensor, p3: Tensor) -> tuple[Tensor, Tensor]:
+        """Return ``(P'2, P'3)``."""
+        p3x = self.sr(p2, p3)
+        lateral = self.lateral(c2x)
+        top_down = crop_to(F.interpolate(p3x, scale_factor=2.0, mode="nearest"), lateral.shape[-2:])
+        return self.output(lateral + top_down), p3x
+
+
+class EFPNBackbone(nn.Module):
+    """ResNet body + FPN (P2..P6) + the extended stride-2 level P'2.
+
+    C'2 is ``layer1`` applied a second time to the stem output before the max-pool:
+    the same module, so the parameters are shared (Table I).
+
+    The forward returns an ``OrderedDict`` in torchvision's convention, highest
+    resolution first: ``"p2x"`` (stride 2, only when extended), ``"0"`` (4), ``"1"``
+    (8), ``"2"`` (16), ``"3"`` (32), ``"pool"`` (64).
+
+    Args:
+        body: a torchvision ResNet/ResNeXt (its ``fc`` and ``avgpool`` are dropped).
+        in_channels_list: channels of layer1..layer4.
+        out_channels: pyramid channels.
+        extended: build the extension; ``False`` gives the plain FPN backbone.
+        sr_module, sr_kwargs, ext_out_width: see :class:`ExtendedLevel`.
+        ftt_input: ``"output"`` feeds the SR module the P outputs (paper),
+            ``"inner"`` the FPN inner maps (authors' code).
+    """
+
+    def __init__(
+        self,
+        body: nn.Module,
+        in_channels_list: list[int],
+        out_channels: int = 256,
+        extended: bool = True,
+        sr_module: str = "ftt",
+        sr_kwargs: dict[str, Any] | None = None,
+        ftt_input: str = "output",
+        ext_out_width: int | None = None,
+    ) -> None:
+        super().__init__()
+        if ftt_input not in ("output", "inner"):
+            raise ValueError(f"ftt_input must be 'output' or 'inner', got {ftt_input!r}")
+        return_layers = {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}
+        self.body = IntermediateLayerGetter(body, return_layers=return_layers)
+        self.fpn = FeaturePyramidNetworkWithInner(
+            in_channels_list, out_channels, extra_blocks=LastLevelMaxPool()
+        )
+        self.out_channels = out_channels
+        self.extended = extended
+        self.ftt_input = ftt_input
+        self.extension = (
+            ExtendedLevel(in_channels_list[0], out_channels, sr_module, sr_kwargs, ext_out_width)
+            if extended
+            else None
+        )
+
+    def stem(self, x: Tensor) -> Tensor:
+        """Stage 1 (7x7 conv, BN, ReLU) at stride 2, before the max-pool."""
+        return self.body.relu(self.body.bn1(self.body.conv1(x)))
+
+    def forward_pyramid(self, x: Tensor) -> tuple[OrderedDict[str, Tensor], Tensor, list[Tensor]]:
+        """Top-4 FPN levels plus "pool" (the teacher network), the stem output and the
+        FPN inner maps."""
+        stem = self.stem(x)
+        c = self.body.maxpool(stem)
+        feats = OrderedDict()
+        for layer, name in (("layer1", "0"), ("layer2", "1"), ("layer3", "2"), ("layer4", "3")):
+            c = getattr(self.body, layer)(c)
+            feats[name] = c
+        pyramid, inners = self.fpn.forward_with_inner(feats)
+        return pyramid, stem, inners
+
+    def extension_inputs(
+        self, pyramid: dict[str, Tensor], inners: list[Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """The (P2, P3) pair the SR module reads."""
+        if self.ftt_input == "inner":
+            return inners[0], inners[1]
+        return pyramid["0"], pyramid["1"]
+
+    def forward_all(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        """Like :meth:`forward`, with the SR output P'3 added under ``"p3x"`` (stride 4)."""
+        pyramid, stem, inners = self.forward_pyramid(x)
+        if self.extension is None:
+            return pyramid
+        p2, p3 = self.extension_inputs(pyramid, inners)
+        p2x, p3x = self.extension(self.body.layer1(stem), p2, p3)
+        out = OrderedDict([("p2x", p2x)])
+        out.update(pyramid)
+        out["p3x"] = p3x
+        return out
+
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        out = self.forward_all(x)
+        out.pop("p3x", None)
+        return out
+
+
+def _load_backbone_file(body: nn.Module, path: str | Path) -> None:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    missing, unexpected = body.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("fc.")]
+    unexpected = [
+        k for k in unexpected if not k.startswith("fc.") and not k.endswith("num_batches_tracked")
+    ]
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: not a {type(body).__name__} state dict "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+
+
+def resnet_efpn_backbone(
+    backbone_name: str = "resnet50",
+    *,
+    weights: Any = None,
+    trainable_layers: int = 3,
+    out_channels: int = 256,
+    extended: bool = True,
+    sr_module: str = "ftt",
+    sr_kwargs: dict[str, Any] | None = None,
+    ftt_input: str = "output",
+    ext_out_width: int | None = None,
+) -> EFPNBackbone:
+    """Build an :class:`EFPNBackbone` on a torchvision ResNet/ResNeXt with frozen BN.
+
+    Args:
+        backbone_name: one of :data:`BACKBONES`.
+        weights: ``None``, a torchvision weights enum (downloaded by torchvision only
+            when given) or the path of a local ImageNet state dict.
+        trainable_layers: as torchvision: 0..5 stages from layer4 down to conv1.
+    """
+    if backbone_name not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone_name!r}; choose from {', '.join(BACKBONES)}")
+    if not 0 <= trainable_layers <= 5:
+        raise ValueError(f"trainable_layers must be in [0, 5], got {trainable_layers}")
+    local = isinstance(weights, (str, Path))
+    body = getattr(resnet, backbone_name)(
+        weights=None if local else weights, norm_layer=FrozenBatchNorm2d
+    )
+    if local:
+        _load_backbone_file(body, weights)
+    layers_to_train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
+    if trainable_layers == 5:
+        layers_to_train.append("bn1")
+    for name, parameter in body.named_parameters():
+        if all(not name.startswith(layer) for layer in layers_to_train):
+            parameter.requires_grad_(False)
+    c2 = body.inplanes // 8  # layer4 has 8x the channels of layer1
+    in_channels_list = [c2, c2 * 2, c2 * 4, c2 * 8]
+    return EFPNBackbone(
+        body,
+        in_channels_list,
+        out_channels,
+        extended=extended,
+        sr_module=sr_module,
+        sr_kwargs=sr_kwargs,
+        ftt_input=ftt_input,
+        ext_out_width=ext_out_width,
+    )

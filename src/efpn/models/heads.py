@@ -1,0 +1,288 @@
+"""RoI heads that route small RoIs to the extended level P'2 and their own box head."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
+from torchvision.ops import roi_align
+
+__all__ = ["EFPNRoIHeads", "ohem_select", "roi_level", "small_roi_mask"]
+
+
+def roi_level(
+    boxes: Tensor,
+    canonical_scale: int = 224,
+    canonical_level: int = 4,
+    k_min: int = 1,
+    k_max: int = 5,
+) -> Tensor:
+    """Eq. (2): ``floor(l0 + log2(sqrt(wh) / 224))`` clamped to ``[k_min, k_max]``.
+
+    torchvision's LevelMapper uses the same rule with ``k_min = 2``; EFPN extends it to
+    level 1 (P'2). Returned levels are absolute (1 = P'2, 2 = P2, ...).
+    """
+    scale = torch.sqrt(
+        (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
+    )
+    level = torch.floor(canonical_level + torch.log2(scale / canonical_scale + 1e-6))
+    return level.clamp(k_min, k_max).to(torch.int64)
+
+
+def small_roi_mask(boxes: Tensor, small_roi_size: float) -> Tensor:
+    """RoIs pooled from P'2: ``sqrt(wh) < small_roi_size`` (56 px gives level 1 of Eq. 2)."""
+    wh = (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
+    return wh < small_roi_size * small_roi_size
+
+
+def ohem_select(
+    cls_loss: Tensor, box_loss: Tensor, labels: Tensor, batch_size: int, positive_fraction: float
+) -> Tensor:
+    """Online hard example mining as in the authors' code.
+
+    Up to ``positive_fraction * batch_size`` positives ranked by classification + box
+    loss, then negatives ranked by classification loss to fill the batch. Ignored RoIs
+    (label -1) are never chosen. No NMS among the selected RoIs.
+
+    Returns:
+        Indices of the selected RoIs.
+    """
+    pos = torch.where(labels > 0)[0]
+    neg = torch.where(labels == 0)[0]
+    num_pos = min(int(batch_size * positive_fraction), pos.numel())
+    num_neg = min(batch_size - num_pos, neg.numel())
+    pos_order = torch.argsort(cls_loss[pos] + box_loss[pos], descending=True, stable=True)
+    neg_order = torch.argsort(cls_loss[neg], descending=True, stable=True)
+    return torch.cat([pos[pos_order[:num_pos]], neg[neg_order[:num_neg]]])
+
+
+class EFPNRoIHeads(RoIHeads):
+    """torchvision ``RoIHeads`` with a second box head for small RoIs on ``"p2x"``.
+
+    RoIs with ``sqrt(wh) < small_roi_size`` (measured on the resized input) are pooled
+    from P'2 with ``roi_align(aligned=True)`` and classified by ``small_box_head`` /
+    ``small_box_predictor``; the rest go through the original pooler and head on P2..P5.
+    Without a ``"p2x"`` feature map, or with ``extended=False``, it is torchvision's
+    ``RoIHeads``.
+
+    Args:
+        small_box_head, small_box_predictor: the head for P'2 (usually copies of the
+            original, see :meth:`init_small_head_from_original`).
+        small_roi_size: routing threshold in pixels (56 for TT100K at 1400, 112 for COCO).
+        merge: ``"exclusive"`` (paper: small RoIs only through the new head) or
+            ``"duplicate"`` (authors' COCO code: small RoIs through both heads, union to NMS).
+        ohem: train the small head with OHEM on all small RoIs instead of the sampler.
+        ohem_batch_size_per_image, ohem_positive_fraction: OHEM's batch.
+        sampling_ratio: roi_align sampling ratio for P'2.
+        **kwargs: ``RoIHeads`` arguments.
+    """
+
+    def __init__(
+        self,
+        *args,
+        small_box_head: nn.Module | None = None,
+        small_box_predictor: nn.Module | None = None,
+        small_roi_size: float = 56.0,
+        merge: str = "exclusive",
+        ohem: bool = False,
+        ohem_batch_size_per_image: int = 128,
+        ohem_positive_fraction: float = 0.25,
+        sampling_ratio: int = 2,
+        **kwargs,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        if merge not in ("exclusive", "duplicate"):
+            raise ValueError(f"merge must be 'exclusive' or 'duplicate', got {merge!r}")
+        self.small_box_head = small_box_head
+        self.small_box_predictor = small_box_predictor
+        self.small_roi_size = float(small_roi_size)
+        self.merge = merge
+        self.ohem = ohem
+        self.ohem_batch_size_per_image = ohem_batch_size_per_image
+        self.ohem_positive_fraction = ohem_positive_fraction
+        self.sampling_ratio = sampling_ratio
+        self.output_size = self.box_roi_pool.output_size
+
+    @property
+    def extended(self) -> bool:
+        return self.small_box_head is not None
+
+    def init_small_head_from_original(self) -> None:
+        """Copy the original head's weights into the small-object head (stage 3 init)."""
+        self.small_box_head.load_state_dict(self.box_head.state_dict())
+        self.small_box_predictor.load_state_dict(self.box_predictor.state_dict())
+
+    @staticmethod
+    def make_small_head(
+        box_head: nn.Module, box_predictor: nn.Module
+    ) -> tuple[nn.Module, nn.Module]:
+        """Fresh copies of the original head and predictor, same shapes and initial weights."""
+        return copy.deepcopy(box_head), copy.deepcopy(box_predictor)
+
+    # ---------------------------------------------------------------- pooling
+    def pool_small(
+        self, p2x: Tensor, boxes: list[Tensor], image_shapes: list[tuple[int, int]]
+    ) -> Tensor:
+        """roi_align on P'2 with ``aligned=True``; the scale comes from the map and the
+        padded batch size and must be exactly 1/2."""
+        scale = p2x.shape[-2] / self._padded_height(image_shapes, p2x)
+        return roi_align(
+            p2x,
+            boxes,
+            output_size=self.output_size,
+            spatial_scale=scale,
+            sampling_ratio=self.sampling_ratio,
+            aligned=True,
+        )
+
+    def _padded_height(self, image_shapes: list[tuple[int, int]], p2x: Tensor) -> float:
+        # P'2 has stride 2; check it instead of trusting a rounded log2 as MultiScaleRoIAlign does.
+        max_h = max(h for h, _ in image_shapes)
+        stride = 2 ** round(math.log2(max_h / p2x.shape[-2])) if max_h > 0 else 2
+        if stride != 2:
+            raise ValueError(
+                f"'p2x' must have stride 2, got a {tuple(p2x.shape[-2:])} map for images up to {max_h} px high"
+            )
+        return float(p2x.shape[-2] * 2)
+
+    def small_predict(
+        self, features: dict[str, Tensor], boxes: list[Tensor], image_shapes
+    ) -> tuple[Tensor, Tensor]:
+        x = self.small_box_head(self.pool_small(features["p2x"], boxes, image_shapes))
+        return self.small_box_predictor(x)
+
+    def original_predict(
+        self, features: dict[str, Tensor], boxes: list[Tensor], image_shapes
+    ) -> tuple[Tensor, Tensor]:
+        x = self.box_head(self.box_roi_pool(features, boxes, image_shapes))
+        return self.box_predictor(x)
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, features, proposals, image_shapes, targets=None):
+        if not self.extended or "p2x" not in features:
+            return super().forward(features, proposals, image_shapes, targets)
+        if self.training:
+            return [], self._training_losses(features, proposals, image_shapes, targets)
+        return self._inference(features, proposals, image_shapes), {}
+
+    def _training_losses(self, features, proposals, image_shapes, targets) -> dict[str, Tensor]:
+        if self.ohem:
+            # OHEM replaces the sampler for the small head, so label every small RoI first.
+            ohem_boxes, ohem_labels, ohem_targets = self._label_all_small(proposals, targets)
+        sampled, _, labels, regression_targets = self.select_training_samples(proposals, targets)
+        small = [small_roi_mask(b, self.small_roi_size) for b in sampled]
+
+        def part(items: list[Tensor], want_small: bool) -> list[Tensor]:
+            return [x[m] if want_small else x[~m] for x, m in zip(items, small, strict=False)]
+
+        losses: dict[str, Tensor] = {}
+        logits, deltas = self.original_predict(features, part(sampled, False), image_shapes)
+        losses["loss_classifier"], losses["loss_box_reg"] = _branch_loss(
+            logits, deltas, part(labels, False), part(regression_targets, False)
+        )
+        if not self.ohem:
+            logits, deltas = self.small_predict(features, part(sampled, True), image_shapes)
+            losses["loss_classifier_small"], losses["loss_box_reg_small"] = _branch_loss(
+                logits, deltas, part(labels, True), part(regression_targets, True)
+            )
+            return losses
+
+        logits, deltas = self.small_predict(features, ohem_boxes, image_shapes)
+        cls_loss, box_loss = _per_roi_losses(
+            logits, deltas, torch.cat(ohem_labels), torch.cat(ohem_targets)
+        )
+        keep, offset = [], 0
+        for lab in ohem_labels:
+            n = lab.numel()
+            sel = ohem_select(
+                cls_loss[offset : offset + n].detach(),
+                box_loss[offset : offset + n].detach(),
+                lab,
+                self.ohem_batch_size_per_image,
+                self.ohem_positive_fraction,
+            )
+            keep.append(sel + offset)
+            offset += n
+        keep = torch.cat(keep)
+        denom = max(keep.numel(), 1)
+        losses["loss_classifier_small"] = cls_loss[keep].sum() / denom
+        losses["loss_box_reg_small"] = box_loss[keep].sum() / denom
+        return losses
+
+    def _label_all_small(self, proposals, targets):
+        """Every small proposal (ground truth added), labelled as the sampler labels
+        them but not sampled; ignored RoIs keep label -1."""
+        gt_boxes = [t["boxes"].to(proposals[0].dtype) for t in targets]
+        props = self.add_gt_proposals(proposals, gt_boxes)
+        props = [p[small_roi_mask(p, self.small_roi_size)] for p in props]
+        matched_idxs, labels = self.assign_targets_to_proposals(
+            props, gt_boxes, [t["labels"] for t in targets]
+        )
+        matched = [
+            g[i] if g.numel() else torch.zeros_like(p)
+            for g, i, p in zip(gt_boxes, matched_idxs, props, strict=False)
+        ]
+        return props, labels, self.box_coder.encode(matched, props)
+
+    def _inference(self, features, proposals, image_shapes) -> list[dict[str, Tensor]]:
+        small = [small_roi_mask(b, self.small_roi_size) for b in proposals]
+        small_boxes = [b[m] for b, m in zip(proposals, small, strict=False)]
+        if self.merge == "exclusive":
+            large_boxes = [b[~m] for b, m in zip(proposals, small, strict=False)]
+        else:
+            large_boxes = proposals
+        lg_logits, lg_deltas = self.original_predict(features, large_boxes, image_shapes)
+        sm_logits, sm_deltas = self.small_predict(features, small_boxes, image_shapes)
+        # Interleave per image so one postprocess (softmax, decode, per-class NMS) merges both.
+        boxes_all, logits_all, deltas_all = [], [], []
+        lg_split = [b.shape[0] for b in large_boxes]
+        sm_split = [b.shape[0] for b in small_boxes]
+        for lb, sb, ll, sl, ld, sd in zip(
+            large_boxes,
+            small_boxes,
+            lg_logits.split(lg_split),
+            sm_logits.split(sm_split),
+            lg_deltas.split(lg_split),
+            sm_deltas.split(sm_split),
+            strict=False,
+        ):
+            boxes_all.append(torch.cat([lb, sb]))
+            logits_all.append(torch.cat([ll, sl]))
+            deltas_all.append(torch.cat([ld, sd]))
+        boxes, scores, labels = self.postprocess_detections(
+            torch.cat(logits_all), torch.cat(deltas_all), boxes_all, image_shapes
+        )
+        return [
+            {"boxes": b, "labels": lab, "scores": s}
+            for b, s, lab in zip(boxes, scores, labels, strict=False)
+        ]
+
+
+def _branch_loss(
+    logits: Tensor, deltas: Tensor, labels: list[Tensor], targets: list[Tensor]
+) -> tuple[Tensor, Tensor]:
+    """torchvision's Fast R-CNN loss, or zero (kept in the graph) when the branch got no RoI."""
+    if logits.shape[0] == 0:
+        zero = logits.sum() * 0.0 + deltas.sum() * 0.0
+        return zero, zero
+    return fastrcnn_loss(logits, deltas, labels, targets)
+
+
+def _per_roi_losses(
+    logits: Tensor, deltas: Tensor, labels: Tensor, targets: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Per-RoI classification and smooth-L1 box losses (reduction='none'); ignored RoIs
+    (label -1) get zero loss."""
+    valid = labels >= 0
+    cls = F.cross_entropy(logits, labels.clamp(min=0), reduction="none") * valid
+    n = logits.shape[0]
+    deltas = deltas.reshape(n, -1, 4)
+    pos = labels > 0
+    idx = torch.arange(n, device=logits.device)
+    picked = deltas[idx, labels.clamp(min=0)]
+    box = F.smooth_l1_loss(picked, targets, beta=1 / 9, reduction="none").sum(dim=1) * pos
+    return cls, box
