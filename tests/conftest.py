@@ -17,8 +17,16 @@ def _seed():
     torch.manual_seed(0)
 
 
-def shared_data(name: str) -> Path:
-    path = SHARED_DATA / name
-    if not path.exists():
-        pytest.skip(f"real data {path} is absent (it lives in ../shared/data next to the checkout)")
-    return path
+@pytest.fixture
+def shared_data():
+    """Path of a folder of ../shared/data; skips the test, saying why, when it is absent."""
+
+    def get(name: str) -> Path:
+        path = SHARED_DATA / name
+        if not path.exists():
+            pytest.skip(
+                f"real data {path} is absent (it lives in ../shared/data next to the checkout)"
+            )
+        return path
+
+    return get

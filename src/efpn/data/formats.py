@@ -1,0 +1,459 @@
+"""Readers and writers for COCO JSON, YOLO txt, Pascal VOC XML and TT100K annotations."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .records import DataError, DetectionData, ImageRecord, resolve_inside, sanitize_boxes
+
+__all__ = [
+    "FORMATS",
+    "TT100K_45",
+    "detect_format",
+    "load_json",
+    "read_coco",
+    "read_dataset",
+    "read_tt100k",
+    "read_voc",
+    "read_yolo",
+    "to_coco_dict",
+    "write_coco",
+    "write_yolo",
+]
+
+FORMATS = ("coco", "yolo", "voc", "tt100k")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+# The 45 TT100K classes with more than 100 instances, evaluated in every paper.
+TT100K_45 = (
+    "i2 i4 i5 il100 il60 il80 io ip p10 p11 p12 p19 p23 p26 p27 p3 p5 p6 pg ph4 ph4.5 ph5 "
+    "pl100 pl120 pl20 pl30 pl40 pl5 pl50 pl60 pl70 pl80 pm20 pm30 pm55 pn pne po pr40 w13 "
+    "w32 w55 w57 w59 wo"
+).split()
+
+
+def load_json(path: str | Path):
+    """json.load with a one-line error naming the file and the position."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise DataError(
+            f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"
+        ) from None
+
+
+def _image_size(path: Path, source: str) -> tuple[int, int]:
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except FileNotFoundError:
+        raise DataError(f"{source}: image {path} not found") from None
+    except Exception as e:  # PIL raises several types for undecodable files
+        raise DataError(f"{source}: cannot decode image {path}: {e}") from None
+
+
+def _finish(data: DetectionData) -> DetectionData:
+    sanitize_boxes(data.images, data.source)
+    return data
+
+
+# ----------------------------------------------------------------------------- COCO
+def read_coco(ann_file: str | Path, image_root: str | Path | None = None) -> DetectionData:
+    """Read a COCO detection JSON; image paths are relative to ``image_root``
+    (default: the JSON's folder). Crowd annotations are skipped and counted."""
+    ann_file = Path(ann_file)
+    src = str(ann_file)
+    d = load_json(ann_file)
+    if not isinstance(d, dict) or "images" not in d or "categories" not in d:
+        raise DataError(f"{src}: not a COCO detection file (needs 'images' and 'categories')")
+    cats = sorted(d["categories"], key=lambda c: c["id"])
+    cat_index = {c["id"]: i for i, c in enumerate(cats)}
+    images: dict[int, ImageRecord] = {}
+    for entry in d["images"]:
+        try:
+            images[entry["id"]] = ImageRecord(
+                entry["file_name"],
+                int(entry["width"]),
+                int(entry["height"]),
+                image_id=int(entry["id"]),
+            )
+        except KeyError as e:
+            raise DataError(f"{src}: image entry {entry.get('id', '?')} lacks {e}") from None
+    boxes: dict[int, list] = {i: [] for i in images}
+    labels: dict[int, list] = {i: [] for i in images}
+    crowd = 0
+    for ann in d.get("annotations", []):
+        aid = ann.get("id", "?")
+        if ann.get("image_id") not in images:
+            raise DataError(
+                f"{src}: annotation {aid} refers to unknown image_id {ann.get('image_id')}"
+            )
+        if ann.get("category_id") not in cat_index:
+            raise DataError(
+                f"{src}: annotation {aid} has category_id {ann.get('category_id')} not declared in categories"
+            )
+        if ann.get("iscrowd", 0):
+            crowd += 1
+            continue
+        x, y, w, h = (float(v) for v in ann["bbox"])
+        boxes[ann["image_id"]].append([x, y, x + w, y + h])
+        labels[ann["image_id"]].append(cat_index[ann["category_id"]])
+    for i, r in images.items():
+        r.boxes = np.asarray(boxes[i], dtype=np.float64).reshape(-1, 4)
+        r.labels = np.asarray(labels[i], dtype=np.int64)
+    if crowd:
+        import logging
+
+        logging.getLogger("efpn.data").warning(f"{src}: skipped {crowd} crowd annotation(s)")
+    root = Path(image_root) if image_root is not None else ann_file.parent
+    return _finish(
+        DetectionData(
+            root,
+            [c["name"] for c in cats],
+            list(images.values()),
+            src,
+            category_ids=[c["id"] for c in cats],
+        )
+    )
+
+
+def to_coco_dict(data: DetectionData) -> dict:
+    """The dataset as a COCO detection dict (boxes as xywh, areas from the boxes)."""
+    images, annotations = [], []
+    ann_id = 1
+    for r in data.images:
+        images.append(
+            {"id": r.image_id, "file_name": r.file_name, "width": r.width, "height": r.height}
+        )
+        for (x1, y1, x2, y2), lab in zip(r.boxes.tolist(), r.labels.tolist()):
+            w, h = x2 - x1, y2 - y1
+            annotations.append(
+                {
+                    "id": ann_id,
+                    "image_id": r.image_id,
+                    "category_id": data.category_ids[lab],
+                    "bbox": [x1, y1, w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                }
+            )
+            ann_id += 1
+    categories = [{"id": cid, "name": n} for cid, n in zip(data.category_ids, data.classes)]
+    return {"images": images, "annotations": annotations, "categories": categories}
+
+
+def _place_images(data: DetectionData, out_dir: Path, images_subdir: str) -> list[str]:
+    """Hard-link (or copy) every image under ``out_dir/images_subdir`` keeping its
+    relative name; returns the new relative names."""
+    names = []
+    for r in data.images:
+        src = data.image_path(r)
+        rel = Path(r.file_name)
+        if rel.parts and rel.parts[0] == images_subdir:
+            rel = Path(*rel.parts[1:])
+        dst = out_dir / images_subdir / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if not dst.exists():
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+        names.append((Path(images_subdir) / rel).as_posix())
+    return names
+
+
+def write_coco(
+    data: DetectionData,
+    out_dir: str | Path,
+    copy_images: bool = True,
+    name: str = "annotations.json",
+) -> Path:
+    """Write ``out_dir/annotations.json`` (and the images under ``out_dir/images``)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    coco = to_coco_dict(data)
+    if copy_images:
+        for entry, rel in zip(coco["images"], _place_images(data, out_dir, "images")):
+            entry["file_name"] = rel
+    path = out_dir / name
+    path.write_text(json.dumps(coco))
+    return path
+
+
+# ----------------------------------------------------------------------------- YOLO
+def _read_class_names(root: Path) -> list[str]:
+    for name in ("classes.txt", "obj.names", "names.txt"):
+        if (root / name).exists():
+            return [line.strip() for line in (root / name).read_text().splitlines() if line.strip()]
+    for name in ("data.yaml", "dataset.yaml"):
+        if (root / name).exists():
+            import yaml
+
+            names = yaml.safe_load((root / name).read_text()).get("names")
+            if isinstance(names, dict):
+                return [names[k] for k in sorted(names)]
+            if isinstance(names, list):
+                return [str(n) for n in names]
+    raise DataError(
+        f"{root}: no class-names file (classes.txt, obj.names or data.yaml with 'names')"
+    )
+
+
+def read_yolo(root: str | Path, split: str | None = None) -> DetectionData:
+    """Read a YOLO dataset: ``images/``, ``labels/`` (``class cx cy w h`` normalised) and
+    a class-names file. ``split`` selects names from ``splits.json`` or the
+    ``images/<split>`` subfolder (Ultralytics layout)."""
+    root = Path(root)
+    classes = _read_class_names(root)
+    img_dir = root / "images"
+    if not img_dir.is_dir():
+        raise DataError(f"{root}: no images/ folder")
+    if split is not None and (root / "splits.json").exists():
+        splits = load_json(root / "splits.json")
+        if split not in splits:
+            raise DataError(f"{root / 'splits.json'}: no split {split!r} (has {', '.join(splits)})")
+        files = [Path("images") / n for n in splits[split]]
+    else:
+        base = img_dir / split if split else img_dir
+        if not base.is_dir():
+            raise DataError(f"{root}: no split {split!r} (no splits.json and no {base})")
+        files = sorted(
+            p.relative_to(root) for p in base.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+        )
+    records = []
+    for idx, rel in enumerate(files):
+        path = resolve_inside(root, rel.as_posix(), str(root))
+        w, h = _image_size(path, str(root))
+        label_rel = Path("labels", *rel.parts[1:]).with_suffix(".txt")
+        label_path = root / label_rel
+        boxes, labels = [], []
+        if label_path.exists():
+            for ln, line in enumerate(label_path.read_text().splitlines(), 1):
+                parts = line.split()
+                if not parts:
+                    continue
+                try:
+                    c = int(parts[0])
+                    cx, cy, bw, bh = (float(v) for v in parts[1:5])
+                    if len(parts) < 5:
+                        raise ValueError
+                except ValueError:
+                    raise DataError(
+                        f"{label_path}:{ln}: expected 'class cx cy w h', got {line.strip()!r}"
+                    ) from None
+                if not 0 <= c < len(classes):
+                    raise DataError(
+                        f"{label_path}:{ln}: class {c} is not declared ({len(classes)} classes)"
+                    )
+                boxes.append(
+                    [(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h]
+                )
+                labels.append(c)
+        records.append(
+            ImageRecord(
+                rel.as_posix(),
+                w,
+                h,
+                np.asarray(boxes, dtype=np.float64).reshape(-1, 4),
+                np.asarray(labels, dtype=np.int64),
+                idx + 1,
+            )
+        )
+    return _finish(DetectionData(root, classes, records, str(root)))
+
+
+def write_yolo(data: DetectionData, out_dir: str | Path) -> Path:
+    """Write ``images/``, ``labels/`` and ``classes.txt`` under ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = _place_images(data, out_dir, "images")
+    for r, rel in zip(data.images, names):
+        label_path = (out_dir / "labels" / Path(*Path(rel).parts[1:])).with_suffix(".txt")
+        label_path.parent.mkdir(parents=True, exist_ok=True)
+        lines = []
+        for (x1, y1, x2, y2), lab in zip(r.boxes.tolist(), r.labels.tolist()):
+            cx, cy = (x1 + x2) / 2 / r.width, (y1 + y2) / 2 / r.height
+            bw, bh = (x2 - x1) / r.width, (y2 - y1) / r.height
+            lines.append(f"{lab} {cx:.10f} {cy:.10f} {bw:.10f} {bh:.10f}")
+        label_path.write_text("\n".join(lines) + ("\n" if lines else ""))
+    (out_dir / "classes.txt").write_text("\n".join(data.classes) + "\n")
+    return out_dir
+
+
+# ----------------------------------------------------------------------------- VOC
+def read_voc(
+    root: str | Path, split: str | None = None, classes: list[str] | None = None
+) -> DetectionData:
+    """Read Pascal VOC: ``Annotations/*.xml``, ``JPEGImages/`` and optionally
+    ``ImageSets/Main/<split>.txt``. ``classes`` declares the class list (else it is
+    collected from the files, sorted)."""
+    root = Path(root)
+    ann_dir = root / "Annotations"
+    if not ann_dir.is_dir():
+        raise DataError(f"{root}: no Annotations/ folder")
+    if split:
+        ids_file = root / "ImageSets" / "Main" / f"{split}.txt"
+        if not ids_file.exists():
+            raise DataError(f"{root}: no split file {ids_file}")
+        xmls = [
+            ann_dir / f"{line.split()[0]}.xml"
+            for line in ids_file.read_text().splitlines()
+            if line.strip()
+        ]
+    else:
+        xmls = sorted(ann_dir.glob("*.xml"))
+    parsed = []
+    for x in xmls:
+        try:
+            tree = ET.parse(x).getroot()
+        except FileNotFoundError:
+            raise DataError(f"{x}: annotation file not found") from None
+        except ET.ParseError as e:
+            raise DataError(f"{x}: invalid XML: {e}") from None
+        parsed.append((x, tree))
+    if classes is None:
+        classes = sorted(
+            {o.findtext("name", "").strip() for _, t in parsed for o in t.iter("object")}
+        )
+    index = {c: i for i, c in enumerate(classes)}
+    records = []
+    for idx, (x, t) in enumerate(parsed):
+        fname = t.findtext("filename") or f"{x.stem}.jpg"
+        rel = f"JPEGImages/{fname}"
+        size = t.find("size")
+        if size is not None and size.findtext("width"):
+            w, h = int(float(size.findtext("width"))), int(float(size.findtext("height")))
+        else:
+            w, h = _image_size(resolve_inside(root, rel, str(x)), str(x))
+        boxes, labels = [], []
+        for k, o in enumerate(t.iter("object")):
+            name = o.findtext("name", "").strip()
+            if name not in index:
+                raise DataError(f"{x}: object {k} has class {name!r} that is not declared")
+            bb = o.find("bndbox")
+            try:
+                boxes.append([float(bb.findtext(tag)) for tag in ("xmin", "ymin", "xmax", "ymax")])
+            except (AttributeError, TypeError, ValueError):
+                raise DataError(f"{x}: object {k} has no valid bndbox") from None
+            labels.append(index[name])
+        resolve_inside(root, rel, str(x))
+        records.append(
+            ImageRecord(
+                rel,
+                w,
+                h,
+                np.asarray(boxes, dtype=np.float64).reshape(-1, 4),
+                np.asarray(labels, dtype=np.int64),
+                idx + 1,
+            )
+        )
+    return _finish(DetectionData(root, list(classes), records, str(root)))
+
+
+# ----------------------------------------------------------------------------- TT100K
+def read_tt100k(
+    ann_file: str | Path,
+    root: str | Path | None = None,
+    split: str | None = None,
+    classes: str | list[str] = "tt100k45",
+    keep_other: bool = False,
+) -> DetectionData:
+    """Read TT100K ``annotations.json`` (``types`` and ``imgs -> id -> {path, objects}``).
+
+    Args:
+        ann_file: the annotations file.
+        root: image root (default: the file's folder); ``path`` entries are relative to it.
+        split: keep images whose path starts with ``<split>/`` (``train``, ``test``).
+        classes: ``"tt100k45"``, ``"all"`` (every declared type) or a list.
+        keep_other: keep objects of the other declared classes for training (the
+            paper does); evaluation still counts only ``classes``.
+    """
+    ann_file = Path(ann_file)
+    src = str(ann_file)
+    d = load_json(ann_file)
+    if not isinstance(d, dict) or "imgs" not in d:
+        raise DataError(f"{src}: not a TT100K annotations file (needs 'imgs')")
+    declared = list(
+        d.get("types")
+        or sorted({o["category"] for v in d["imgs"].values() for o in v.get("objects", [])})
+    )
+    eval_classes = (
+        list(TT100K_45)
+        if classes == "tt100k45"
+        else declared
+        if classes == "all"
+        else list(classes)
+    )
+    unknown = [c for c in eval_classes if c not in declared]
+    if unknown:
+        raise DataError(f"{src}: classes {unknown[:5]} are not declared in 'types'")
+    all_classes = eval_classes + (
+        [c for c in declared if c not in eval_classes] if keep_other else []
+    )
+    index = {c: i for i, c in enumerate(all_classes)}
+    root = Path(root) if root is not None else ann_file.parent
+    records = []
+    for key, v in d["imgs"].items():
+        path = v.get("path", f"{key}.jpg")
+        if split and not path.startswith(f"{split}/"):
+            continue
+        boxes, labels = [], []
+        for k, o in enumerate(v.get("objects", [])):
+            cat = o.get("category")
+            if cat not in declared:
+                raise DataError(
+                    f"{src}: image {key} object {k} has category {cat!r} not declared in 'types'"
+                )
+            if cat not in index:
+                continue
+            b = o["bbox"]
+            boxes.append([float(b["xmin"]), float(b["ymin"]), float(b["xmax"]), float(b["ymax"])])
+            labels.append(index[cat])
+        img_path = resolve_inside(root, path, src)
+        w, h = _image_size(img_path, src)
+        image_id = int(v.get("id", key)) if str(v.get("id", key)).isdigit() else len(records) + 1
+        records.append(
+            ImageRecord(
+                path,
+                w,
+                h,
+                np.asarray(boxes, dtype=np.float64).reshape(-1, 4),
+                np.asarray(labels, dtype=np.int64),
+                image_id,
+            )
+        )
+    return _finish(DetectionData(root, all_classes, records, src, eval_classes=eval_classes))
+
+
+# ----------------------------------------------------------------------------- dispatch
+def detect_format(path: str | Path) -> str:
+    """Guess the format of a dataset path."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".json":
+        d = load_json(path)
+        return "tt100k" if isinstance(d, dict) and "imgs" in d else "coco"
+    if (path / "Annotations").is_dir():
+        return "voc"
+    if (path / "labels").is_dir() or (path / "images").is_dir():
+        return "yolo"
+    raise DataError(f"{path}: cannot tell the dataset format; pass --format")
+
+
+def read_dataset(path: str | Path, fmt: str | None = None, **kwargs) -> DetectionData:
+    """Read any supported format (guessed when ``fmt`` is None)."""
+    fmt = fmt or detect_format(path)
+    readers = {"coco": read_coco, "yolo": read_yolo, "voc": read_voc, "tt100k": read_tt100k}
+    if fmt not in readers:
+        raise DataError(f"{path}: unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    return readers[fmt](path, **kwargs)

@@ -1,0 +1,326 @@
+import hashlib
+import json
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import tv_tensors
+
+from efpn.cli import main
+from efpn.data import (
+    AugmentConfig,
+    BalancedCropDataset,
+    DataError,
+    DetectionDataset,
+    build_transforms,
+    generate,
+    load_rgb,
+    read_coco,
+    read_tt100k,
+    read_voc,
+    read_yolo,
+    write_coco,
+    write_yolo,
+)
+from efpn.data.stats import dataset_stats
+from efpn.data.synthetic import SYNTH_CLASSES
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    generate(out, train=6, val=3, size=128, seed=1)
+    return out
+
+
+def _yolo_dataset(root: Path, lines: dict[str, str], classes=("a", "b")) -> Path:
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    (root / "classes.txt").write_text("\n".join(classes) + "\n")
+    for name, text in lines.items():
+        Image.new("RGB", (100, 50), (10, 20, 30)).save(root / "images" / f"{name}.png")
+        (root / "labels" / f"{name}.txt").write_text(text)
+    return root
+
+
+def test_synth_same_seed_same_bytes(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    generate(a, train=2, val=1, size=96, seed=5)
+    generate(b, train=2, val=1, size=96, seed=5)
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files and files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    for f in files:
+        assert (
+            hashlib.sha256((a / f).read_bytes()).digest()
+            == hashlib.sha256((b / f).read_bytes()).digest()
+        )
+    generate(tmp_path / "c", train=2, val=1, size=96, seed=6)
+    assert (tmp_path / "c" / "train.json").read_bytes() != (a / "train.json").read_bytes()
+
+
+def test_synth_distribution_small_dominated(tmp_path):
+    generate(tmp_path, train=40, val=0, size=512, seed=0)
+    data = read_coco(tmp_path / "train.json")
+    stats = dataset_stats(data)
+    assert len(data.classes) >= 10
+    assert stats["long_side"]["small"] / stats["boxes"] > 0.6
+    assert stats["long_side"]["medium"] > 0 and stats["long_side"]["large"] > 0
+    assert all(len(r.labels) >= 2 for r in data.images)
+    assert all(v > 0 for v in stats["per_class"].values())
+
+
+def test_synth_speed_at_least_20_per_second(tmp_path):
+    generate(tmp_path / "warm", train=2, val=0, size=512, seed=0)
+    start = time.perf_counter()
+    generate(tmp_path / "run", train=30, val=0, size=512, seed=0)
+    rate = 30 / (time.perf_counter() - start)
+    assert rate >= 20, f"{rate:.1f} images/s"
+
+
+def test_synth_classes_differ_only_inside_families():
+    from efpn.data.synthetic import _template
+
+    def arr(n):
+        return np.asarray(_template(n), dtype=np.int16)
+
+    # same outline and colour ring: the border pixels agree, the interior differs
+    a, b = arr("ring_bar1"), arr("ring_bar2")
+    border = np.zeros(a.shape[:2], bool)
+    border[:8] = border[-8:] = True
+    border[:, :8] = border[:, -8:] = True
+    assert np.array_equal(a[border], b[border])
+    assert not np.array_equal(a, b)
+
+
+def test_dataset_yields_tv_tensors(synth):
+    data = read_coco(synth / "train.json")
+    ds = DetectionDataset(data, build_transforms(train=False))
+    image, target = ds[0]
+    assert image.dtype == torch.float32 and image.shape == (3, 128, 128)
+    assert isinstance(target["boxes"], tv_tensors.BoundingBoxes)
+    assert target["labels"].min() >= 1 and target["labels"].max() <= len(SYNTH_CLASSES)
+    assert len(target["boxes"]) == len(data.images[0].labels)
+
+
+@pytest.mark.parametrize("dst", ["coco", "yolo"])
+def test_round_trip_lossless(synth, tmp_path, dst):
+    data = read_coco(synth / "train.json")
+    if dst == "coco":
+        back = read_coco(write_coco(data, tmp_path / "c"))
+    else:
+        back = read_yolo(write_yolo(data, tmp_path / "y"))
+    assert back.classes == data.classes
+    assert len(back.images) == len(data.images)
+    for r, s in zip(data.images, back.images):
+        assert (r.width, r.height) == (s.width, s.height)
+        np.testing.assert_allclose(s.boxes, r.boxes, atol=1e-6)
+        assert s.labels.tolist() == r.labels.tolist()
+
+
+def test_cli_convert_yolo_to_coco_to_yolo(tmp_path):
+    root = _yolo_dataset(tmp_path / "src", {"x": "0 0.5 0.5 0.2 0.4\n1 0.1 0.1 0.1 0.1\n"})
+    assert (
+        main(
+            [
+                "data",
+                "convert",
+                "--from",
+                "yolo",
+                "--to",
+                "coco",
+                str(root),
+                "--out",
+                str(tmp_path / "c"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "data",
+                "convert",
+                "--from",
+                "coco",
+                "--to",
+                "yolo",
+                str(tmp_path / "c" / "annotations.json"),
+                "--out",
+                str(tmp_path / "y"),
+            ]
+        )
+        == 0
+    )
+    a, b = read_yolo(root), read_yolo(tmp_path / "y")
+    np.testing.assert_allclose(a.images[0].boxes, b.images[0].boxes, atol=1e-6)
+    np.testing.assert_allclose(a.images[0].boxes[0], [40, 15, 60, 35])
+
+
+def test_voc_reader_and_undeclared_class(tmp_path):
+    (tmp_path / "Annotations").mkdir()
+    (tmp_path / "JPEGImages").mkdir()
+    Image.new("RGB", (64, 48)).save(tmp_path / "JPEGImages" / "a.jpg")
+    xml = """<annotation><filename>a.jpg</filename><size><width>64</width><height>48</height></size>
+    <object><name>sign</name><bndbox><xmin>5</xmin><ymin>6</ymin><xmax>20</xmax><ymax>30</ymax></bndbox></object>
+    <object><name>car</name><bndbox><xmin>30</xmin><ymin>10</ymin><xmax>70</xmax><ymax>40</ymax></bndbox></object></annotation>"""
+    (tmp_path / "Annotations" / "a.xml").write_text(xml)
+    data = read_voc(tmp_path)
+    assert data.classes == ["car", "sign"]
+    np.testing.assert_allclose(
+        data.images[0].boxes, [[5, 6, 20, 30], [30, 10, 64, 40]]
+    )  # second one clipped
+    with pytest.raises(DataError, match=r"a\.xml: object 1 has class 'car' that is not declared"):
+        read_voc(tmp_path, classes=["sign"])
+    (tmp_path / "Annotations" / "b.xml").write_text("<annotation><object>")
+    with pytest.raises(DataError, match=r"b\.xml: invalid XML"):
+        read_voc(tmp_path)
+    ET.fromstring(xml)  # the fixture itself is valid XML
+
+
+def test_tt100k_reader_subset_and_keep_other(tmp_path):
+    Image.new("RGB", (200, 100)).save(tmp_path / "1.jpg")
+    ann = {
+        "types": ["pn", "pl40", "zz"],
+        "imgs": {
+            "1": {
+                "path": "1.jpg",
+                "id": 1,
+                "objects": [
+                    {"category": "pn", "bbox": {"xmin": 1, "ymin": 2, "xmax": 11, "ymax": 12}},
+                    {"category": "zz", "bbox": {"xmin": 20, "ymin": 20, "xmax": 40, "ymax": 40}},
+                ],
+            }
+        },
+    }
+    (tmp_path / "annotations.json").write_text(json.dumps(ann))
+    only = read_tt100k(tmp_path / "annotations.json", classes=["pn", "pl40"])
+    assert only.classes == ["pn", "pl40"] and only.images[0].labels.tolist() == [0]
+    kept = read_tt100k(tmp_path / "annotations.json", classes=["pn", "pl40"], keep_other=True)
+    assert kept.classes == ["pn", "pl40", "zz"] and kept.eval_classes == ["pn", "pl40"]
+    assert kept.images[0].labels.tolist() == [0, 2]
+    ann["imgs"]["1"]["objects"].append(
+        {"category": "xx", "bbox": {"xmin": 1, "ymin": 1, "xmax": 5, "ymax": 5}}
+    )
+    (tmp_path / "annotations.json").write_text(json.dumps(ann))
+    with pytest.raises(DataError, match=r"image 1 object 2 has category 'xx' not declared"):
+        read_tt100k(tmp_path / "annotations.json", classes="all")
+
+
+def test_bad_input_errors_name_file_and_entry(tmp_path, synth):
+    truncated = tmp_path / "t.json"
+    truncated.write_text((synth / "train.json").read_text()[:200])
+    with pytest.raises(DataError, match=r"t\.json: invalid JSON at line 1"):
+        read_coco(truncated)
+    d = json.loads((synth / "train.json").read_text())
+    d["annotations"][3]["category_id"] = 99
+    (tmp_path / "undeclared.json").write_text(json.dumps(d))
+    with pytest.raises(
+        DataError, match=r"undeclared\.json: annotation 4 has category_id 99 not declared"
+    ):
+        read_coco(tmp_path / "undeclared.json", image_root=synth)
+    root = _yolo_dataset(tmp_path / "y", {"a": "7 0.5 0.5 0.1 0.1\n"})
+    with pytest.raises(DataError, match=r"a\.txt:1: class 7 is not declared"):
+        read_yolo(root)
+
+
+def test_missing_and_undecodable_images(tmp_path, synth):
+    d = json.loads((synth / "train.json").read_text())
+    d["images"][0]["file_name"] = "train/missing.png"
+    (synth / "missing.json").write_text(json.dumps(d))
+    data = read_coco(synth / "missing.json")
+    with pytest.raises(DataError, match=r"missing\.png: image not found"):
+        DetectionDataset(data)[0]
+    bad = synth / "train" / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    d["images"][0]["file_name"] = "train/broken.png"
+    (synth / "broken.json").write_text(json.dumps(d))
+    with pytest.raises(DataError, match=r"broken\.png: cannot decode image"):
+        DetectionDataset(read_coco(synth / "broken.json"))[0]
+
+
+def test_path_escaping_root_is_an_error(tmp_path, synth):
+    d = json.loads((synth / "train.json").read_text())
+    d["images"][0]["file_name"] = "../../etc/passwd"
+    (synth / "escape.json").write_text(json.dumps(d))
+    data = read_coco(synth / "escape.json")
+    with pytest.raises(DataError, match=r"escapes the dataset root"):
+        DetectionDataset(data)[0]
+
+
+def test_clip_and_drop_counted_in_one_line(tmp_path, caplog):
+    root = _yolo_dataset(
+        tmp_path, {"a": "0 0.95 0.5 0.2 0.2\n0 0.5 0.5 0.0 0.1\n1 0.5 0.5 0.2 0.2\n"}
+    )
+    with caplog.at_level("WARNING", logger="efpn.data"):
+        data = read_yolo(root)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        f"{root}: clipped 1 box(es) to the image, dropped 1 box(es) with zero or negative area"
+    ]
+    np.testing.assert_allclose(data.images[0].boxes, [[85, 20, 100, 30], [40, 20, 60, 30]])
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "I;16", "P"])
+def test_gray_rgba_16bit_load_as_rgb(tmp_path, mode):
+    path = tmp_path / f"img_{mode.replace(';', '')}.png"
+    if mode == "I;16":
+        arr = np.full((4, 5), 65535, dtype=np.uint16)
+        arr[0, 0] = 0
+        Image.fromarray(arr).save(path)
+    elif mode == "P":
+        Image.new("RGB", (5, 4), (255, 0, 0)).convert("P").save(path)
+    else:
+        Image.new(mode, (5, 4), 200 if mode == "L" else (10, 20, 30, 40)).save(path)
+    rgb = load_rgb(path)
+    assert rgb.shape == (4, 5, 3) and rgb.dtype == np.uint8
+    if mode == "I;16":
+        assert rgb[1, 1].tolist() == [255, 255, 255] and rgb[0, 0].tolist() == [0, 0, 0]
+    if mode == "L":
+        assert rgb[0, 0].tolist() == [200, 200, 200]
+    if mode == "RGBA":
+        assert rgb[0, 0].tolist() == [10, 20, 30]
+
+
+def test_transforms_keep_boxes_valid(synth):
+    data = read_coco(synth / "train.json")
+    cfg = AugmentConfig(
+        min_size=96, max_size=128, scale_jitter=(64, 96), hflip=0.5, color_jitter=0.3, crop=1.0
+    )
+    ds = DetectionDataset(data, build_transforms(cfg, train=True))
+    for i in range(len(ds)):
+        image, target = ds[i]
+        b = target["boxes"]
+        assert len(b) == len(target["labels"])
+        assert (b[:, 2] > b[:, 0]).all() and (b[:, 3] > b[:, 1]).all()
+        assert (b[:, 2] <= image.shape[-1]).all() and (b[:, 3] <= image.shape[-2]).all()
+
+
+def test_balanced_crops_reach_target_per_class(synth):
+    data = read_coco(synth / "train.json")
+    base = DetectionDataset(data, build_transforms(train=False))
+    bal = BalancedCropDataset(base, target_per_class=10, crop_size=64, seed=0)
+    counts = dict(bal.counts)
+    expected_extra = sum(max(10 - n, 0) for n in counts.values())
+    assert len(bal) == len(base) + expected_extra
+    chosen = {}
+    for i, k, _, _ in bal.extra:
+        lab = int(data.images[i].labels[k])
+        chosen[lab] = chosen.get(lab, 0) + 1
+    for lab, n in counts.items():
+        assert n + chosen.get(lab, 0) >= 10
+    image, target = bal[len(base)]
+    assert image.shape[-2:] == (64, 64)
+    assert len(target["boxes"]) >= 1
+
+
+def test_aerial_cars_real_data(shared_data):
+    root = shared_data("aerial_cars")
+    train, val = read_yolo(root, split="train"), read_yolo(root, split="val")
+    assert len(train.images) == 52 and len(val.images) == 13
+    assert val.num_boxes() == 519
+    image, target = DetectionDataset(val, build_transforms(train=False))[0]
+    assert image.shape[0] == 3 and len(target["boxes"]) > 0
