@@ -1,0 +1,133 @@
+"""Run a detector over a dataset and compute both metric families."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ..data import DetectionDataset, build_transforms, collate, to_coco_dict
+from ..data.records import DetectionData
+from ..metrics import (
+    TT100K_BINS,
+    accuracy_recall_curve,
+    coco_gt_to_tt100k,
+    coco_metrics,
+    coco_results_to_tt100k,
+    evaluate_tt100k_bins,
+    to_coco_results,
+)
+from . import distributed as dist_utils
+
+__all__ = ["best_f1", "evaluate_model", "predict_dataset"]
+
+
+@torch.no_grad()
+def predict_dataset(
+    model,
+    data: DetectionData,
+    *,
+    device="cpu",
+    batch_size: int = 2,
+    scale: float = 1.0,
+    quiet: bool = False,
+) -> tuple[list[dict], float]:
+    """COCO results of ``model`` on ``data`` and seconds per image.
+
+    ``scale`` resizes the images before the model (the paper's FPN-2x test); boxes are
+    mapped back to the original pixels. Under torchrun each rank predicts its share and
+    the results are gathered.
+    """
+    model.eval()
+    ds = DetectionDataset(data, build_transforms(train=False))
+    indices = list(range(dist_utils.rank(), len(ds), dist_utils.world_size()))
+    loader = DataLoader(
+        torch.utils.data.Subset(ds, indices), batch_size=batch_size, collate_fn=collate
+    )
+    results, seconds = [], 0.0
+    for images, targets in tqdm(
+        loader, desc="eval", leave=False, disable=quiet or not dist_utils.is_main()
+    ):
+        images = [img.to(device) for img in images]
+        if scale != 1.0:
+            images = [
+                torch.nn.functional.interpolate(
+                    img[None], scale_factor=scale, mode="bilinear", align_corners=False
+                )[0]
+                for img in images
+            ]
+        if device != "cpu" and torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        outputs = model(images)
+        if device != "cpu" and torch.cuda.is_available():
+            torch.cuda.synchronize()
+        seconds += time.perf_counter() - start
+        if scale != 1.0:
+            for o in outputs:
+                o["boxes"] = o["boxes"] / scale
+        results += to_coco_results([t["image_id"] for t in targets], outputs, data.category_ids)
+    gathered = dist_utils.gather_objects((results, seconds, len(indices)))
+    results = [r for part in gathered for r in part[0]]
+    total_time = sum(p[1] for p in gathered)
+    count = sum(p[2] for p in gathered)
+    return results, total_time / max(count, 1)
+
+
+def best_f1(gt_tt: dict, res_tt: dict, size_range, classes=None, steps: int = 50) -> dict:
+    """The F1 maximum over the accuracy-recall sweep, with its threshold."""
+    curve = accuracy_recall_curve(
+        gt_tt, res_tt, size_range=size_range, steps=steps, monotone=False, classes=classes
+    )
+    acc, rec = np.asarray(curve["accuracy"]), np.asarray(curve["recall"])
+    f1 = np.where(acc + rec > 0, 2 * acc * rec / np.maximum(acc + rec, 1e-12), 0.0)
+    i = int(np.argmax(f1))
+    return {
+        "f1": float(f1[i]),
+        "threshold": float(curve["threshold"][i]),
+        "accuracy": float(acc[i]),
+        "recall": float(rec[i]),
+    }
+
+
+def evaluate_model(
+    model,
+    data: DetectionData,
+    *,
+    device="cpu",
+    batch_size: int = 2,
+    scale: float = 1.0,
+    score_thresh: float = 0.5,
+    quiet: bool = False,
+    curves: bool = False,
+) -> dict:
+    """COCO AP/AR per size and TT100K-style accuracy/recall/F1 per size.
+
+    Returns a dict with the COCO keys, ``per_class``, ``tt100k`` (per bin at
+    ``score_thresh``), ``f1_small`` (best over the threshold sweep),
+    ``seconds_per_image`` and, with ``curves``, ``curves`` per bin. Only rank 0 gets
+    the metrics; other ranks get ``{}``.
+    """
+    results, spi = predict_dataset(
+        model, data, device=device, batch_size=batch_size, scale=scale, quiet=quiet
+    )
+    if not dist_utils.is_main():
+        return {}
+    gt = to_coco_dict(data)
+    metrics = coco_metrics(gt, results)
+    gt_tt, res_tt = coco_gt_to_tt100k(gt), coco_results_to_tt100k(gt, results)
+    classes = data.eval_classes
+    metrics["tt100k"] = evaluate_tt100k_bins(gt_tt, res_tt, min_score=score_thresh, classes=classes)
+    metrics["tt100k_score_thresh"] = score_thresh
+    metrics["f1_small"] = best_f1(gt_tt, res_tt, TT100K_BINS["small"], classes)["f1"]
+    metrics["seconds_per_image"] = spi
+    if curves:
+        metrics["curves"] = {
+            name: accuracy_recall_curve(gt_tt, res_tt, size_range=rng, steps=50, classes=classes)
+            for name, rng in TT100K_BINS.items()
+        }
+    metrics["_results"] = results
+    return metrics

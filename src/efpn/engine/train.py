@@ -1,0 +1,574 @@
+"""Three-stage EFPN training (Sec. IV-A3): baseline, distillation, OHEM fine-tuning."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import signal
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+from torch.utils.data.distributed import DistributedSampler
+from tqdm import tqdm
+
+from ..config import Config, StageConfig
+from ..data import (
+    AugmentConfig,
+    BalancedCropDataset,
+    DetectionDataset,
+    build_transforms,
+    collate,
+    generate,
+    read_dataset,
+)
+from ..data.records import DetectionData
+from ..distill import distillation_loss, freeze_all_but_new_modules
+from ..models import efpn_fpn, load_baseline_state_dict
+from . import distributed as dist_utils
+from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from .evaluate import evaluate_model
+
+__all__ = ["StageLoss", "Trainer", "build_model", "load_data", "model_from_checkpoint"]
+
+log = logging.getLogger("efpn.train")
+
+LOSS_COLUMNS = [
+    "loss",
+    "loss_objectness",
+    "loss_rpn_box_reg",
+    "loss_classifier",
+    "loss_box_reg",
+    "loss_classifier_small",
+    "loss_box_reg_small",
+    "loss_distill",
+    "glob_p3",
+    "pos_p3",
+    "glob_p2",
+    "pos_p2",
+]
+VAL_COLUMNS = [
+    "AP",
+    "AP50",
+    "AP75",
+    "AP_small",
+    "AP_medium",
+    "AP_large",
+    "AR_100",
+    "AR_small",
+    "f1_small",
+]
+CSV_COLUMNS = ["stage", "epoch", "step", "split", "lr", *LOSS_COLUMNS, *VAL_COLUMNS]
+
+
+# ----------------------------------------------------------------------------- data and model
+def load_data(cfg: Config, root: Path | None = None) -> tuple[DetectionData, DetectionData]:
+    """Train and val records for a config; ``synth`` generates SynthSigns under ``root``."""
+    d = cfg.data
+    if d.format == "synth":
+        out = Path(root or "runs") / "synthsigns"
+        if not (out / "val.json").exists() or not (out / "train.json").exists():
+            if dist_utils.is_main():
+                generate(out, d.synth_train, d.synth_val, d.synth_size, d.synth_seed)
+            if dist_utils.world_size() > 1:
+                torch.distributed.barrier()
+        return read_dataset(out / "train.json", "coco"), read_dataset(out / "val.json", "coco")
+
+    def read(path, split):
+        kw = {}
+        if d.format in ("yolo", "voc", "tt100k") and split:
+            kw["split"] = split
+        if d.format == "coco" and d.image_root:
+            kw["image_root"] = d.image_root
+        if d.format == "tt100k":
+            kw.update(classes=d.classes or "tt100k45", keep_other=d.keep_other)
+        return read_dataset(path, d.format, **kw)
+
+    return read(d.train, d.train_split), read(d.val or d.train, d.val_split)
+
+
+def build_model(cfg: Config, num_classes: int, extended: bool) -> nn.Module:
+    m = cfg.model
+    sr_kwargs = {"width": m.sr_width} if m.sr_module != "nearest" else {}
+    if m.sr_module == "ftt":
+        sr_kwargs.update(content_blocks=m.ftt_blocks, texture_blocks=m.ftt_blocks)
+    return efpn_fpn(
+        m.backbone,
+        num_classes=num_classes,
+        extended=extended,
+        sr_module=m.sr_module,
+        sr_kwargs=sr_kwargs,
+        ftt_input=m.ftt_input,
+        ext_out_width=m.ext_out_width,
+        small_roi_size=m.small_roi_size,
+        merge=m.merge,
+        rpn_on_p2x=m.rpn_on_p2x,
+        anchor_sizes=tuple(m.anchor_sizes),
+        weights_backbone=m.weights_backbone,
+        trainable_backbone_layers=m.trainable_backbone_layers,
+        min_size=m.min_size,
+        max_size=m.max_size,
+        box_score_thresh=m.box_score_thresh,
+        box_detections_per_img=m.box_detections_per_img,
+        rpn_batch_size_per_image=m.rpn_batch_size_per_image,
+        box_batch_size_per_image=m.box_batch_size_per_image,
+    )
+
+
+def model_from_checkpoint(path: str | Path, device="cpu") -> tuple[nn.Module, dict]:
+    """Rebuild a model from a checkpoint alone (it carries config and class names)."""
+    ckpt = load_checkpoint(path)
+    from ..config import config_from_dict
+
+    cfg = config_from_dict(ckpt["config"], f"{path}: config")
+    model = build_model(cfg, len(ckpt["classes"]) + 1, ckpt["extended"])
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt
+
+
+# ----------------------------------------------------------------------------- stage losses
+class StageLoss(nn.Module):
+    """The loss of one stage as a module, so DDP wraps it (its forward prepares the
+    gradient all-reduce).
+
+    Stage 1: every Faster R-CNN loss. Stage 2: Eq. (5) distillation (or, with
+    distillation off, the small head's detection loss). Stage 3: the small head's
+    detection loss (OHEM when configured).
+    """
+
+    def __init__(self, model: nn.Module, stage: int, cfg: Config) -> None:
+        super().__init__()
+        self.model = model
+        self.stage = stage
+        self.distill = cfg.distill
+
+    def forward(self, images, targets) -> dict[str, torch.Tensor]:
+        if self.stage == 2 and self.distill.enabled:
+            image_list, targets_t = self.model.transform(images, targets)
+            terms = distillation_loss(
+                self.model.backbone,
+                image_list.tensors,
+                [t["boxes"] for t in targets_t],
+                mode=self.distill.teacher_mode,
+                lam=self.distill.lam,
+                ftt_loss=self.distill.ftt_loss,
+            )
+            return {"loss": terms["loss_distill"], **terms}
+        losses = self.model(images, targets)
+        if self.stage == 1:
+            keys = [k for k in losses if not k.endswith("_small")]
+        else:
+            keys = ["loss_classifier_small", "loss_box_reg_small"]
+        return {"loss": sum(losses[k] for k in keys), **losses}
+
+
+def _freeze_for_stage(
+    model: nn.Module, stage: int, cfg: Config, stage_cfg: StageConfig
+) -> list[str]:
+    if stage == 1:
+        return [n for n, p in model.named_parameters() if p.requires_grad]
+    if stage == 2:
+        prefixes = ["backbone.extension."]
+        if not cfg.distill.enabled:  # the extension learns from the detection loss alone
+            prefixes += ["roi_heads.small_box_head.", "roi_heads.small_box_predictor."]
+        return freeze_all_but_new_modules(model, prefixes)
+    prefixes = ["roi_heads.small_box_head.", "roi_heads.small_box_predictor."]
+    if stage_cfg.unfreeze_extension:
+        prefixes.append("backbone.extension.")
+    return freeze_all_but_new_modules(model, prefixes)
+
+
+# ----------------------------------------------------------------------------- samplers
+class GroupedBatchSampler(Sampler):
+    """Batches of images with the same orientation (landscape or portrait), drawn in the
+    order of ``sampler`` (torchvision's aspect-ratio grouping, two groups)."""
+
+    def __init__(self, sampler: Sampler, groups: list[int], batch_size: int, skip: int = 0) -> None:
+        self.sampler, self.groups, self.batch_size, self.skip = sampler, groups, batch_size, skip
+
+    def _batches(self):
+        buckets: dict[int, list[int]] = {}
+        for idx in self.sampler:
+            b = buckets.setdefault(self.groups[idx], [])
+            b.append(idx)
+            if len(b) == self.batch_size:
+                yield list(b)
+                b.clear()
+        for b in buckets.values():
+            if b:
+                yield list(b)
+
+    def __iter__(self):
+        for i, batch in enumerate(self._batches()):
+            if i >= self.skip:
+                yield batch
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self._batches()) - self.skip
+
+
+# ----------------------------------------------------------------------------- trainer
+class Trainer:
+    """Runs the stages of a config into a run folder.
+
+    Args:
+        cfg: the recipe.
+        out: the run folder (``config.yaml``, ``stage{1,2,3}/`` with ``last.pt``,
+            ``best.pt``, ``metrics.csv`` and plots, ``eval.json``).
+        quiet: no progress bars.
+        stop_after_steps: stop (saving ``last.pt``) after this many steps in total, as
+            an interrupt would; used to test resuming.
+    """
+
+    def __init__(
+        self, cfg: Config, out: str | Path, quiet: bool = False, stop_after_steps: int | None = None
+    ) -> None:
+        self.cfg = cfg
+        self.out = Path(out)
+        self.quiet = quiet
+        self.stop_after_steps = stop_after_steps
+        self.distributed, local_rank = dist_utils.init()
+        if cfg.device == "auto":
+            self.device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+        else:
+            self.device = torch.device(cfg.device)
+        self.train_data, self.val_data = load_data(
+            cfg, self.out.parent if cfg.data.format == "synth" else None
+        )
+        self.classes = list(self.train_data.classes)
+        if dist_utils.is_main():
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    # -- data
+    def _dataset(self):
+        d = self.cfg.data
+        aug = AugmentConfig(
+            hflip=d.hflip,
+            color_jitter=d.color_jitter,
+            scale_jitter=tuple(d.scale_jitter),
+            crop=d.crop,
+        )
+        ds = DetectionDataset(self.train_data, build_transforms(aug, train=True))
+        if d.balance_per_class:
+            ds = BalancedCropDataset(ds, d.balance_per_class, d.balance_crop, seed=self.cfg.seed)
+        return ds
+
+    def _loader(self, ds, batch_size: int, epoch: int, skip: int) -> DataLoader:
+        sampler = DistributedSampler(
+            ds,
+            num_replicas=dist_utils.world_size(),
+            rank=dist_utils.rank(),
+            shuffle=True,
+            seed=self.cfg.seed,
+            drop_last=False,
+        )
+        sampler.set_epoch(epoch)
+        groups = []
+        for i in range(len(ds)):
+            if i < len(self.train_data.images):
+                r = self.train_data.images[i]
+                groups.append(int(r.width >= r.height))
+            else:
+                groups.append(1)
+        return DataLoader(
+            ds,
+            batch_sampler=GroupedBatchSampler(sampler, groups, batch_size, skip),
+            collate_fn=collate,
+            num_workers=self.cfg.data.workers,
+        )
+
+    # -- optimisation
+    def _optimizer(self, params, o):
+        if o.optimizer == "sgd":
+            return torch.optim.SGD(
+                params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay
+            )
+        if o.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+        raise ValueError(f"unknown optimizer {o.optimizer!r}; expected sgd or adamw")
+
+    @staticmethod
+    def _lr_lambda(o, total: int):
+        def f(it: int) -> float:
+            warm = min(1.0, 0.001 + (1 - 0.001) * it / o.warmup_iters) if o.warmup_iters else 1.0
+            if o.schedule == "cosine":
+                return warm * 0.5 * (1 + math.cos(math.pi * min(it, total) / max(total, 1)))
+            if o.schedule == "step":
+                return warm * o.gamma ** sum(it >= m * total for m in o.milestones)
+            raise ValueError(f"unknown schedule {o.schedule!r}; expected step or cosine")
+
+        return f
+
+    # -- one stage
+    def stage_dir(self, stage: int) -> Path:
+        return self.out / f"stage{stage}"
+
+    def run_stage(self, stage: int, resume: bool = False, init: str | Path | None = None) -> Path:
+        """Train one stage; returns the path of its best checkpoint."""
+        cfg, scfg = self.cfg, getattr(self.cfg, f"stage{stage}")
+        o = scfg.optim
+        torch.manual_seed(cfg.seed + stage)
+        model = build_model(cfg, len(self.classes) + 1, extended=stage > 1)
+        init = init or scfg.init
+        if stage > 1 and init is None:
+            init = self.stage_dir(stage - 1) / "best.pt"
+        if init is not None and not resume:
+            self._initialise(model, stage, Path(init))
+        if stage == 3:
+            model.roi_heads.ohem = scfg.ohem
+            model.roi_heads.ohem_batch_size_per_image = scfg.ohem_batch_size_per_image
+        trainable = _freeze_for_stage(model, stage, cfg, scfg)
+        model.to(self.device)
+        loss_module = StageLoss(model, stage, cfg)
+        wrapped = loss_module
+        if self.distributed:
+            ddp_kwargs = {"device_ids": [self.device.index]} if self.device.type == "cuda" else {}
+            wrapped = nn.parallel.DistributedDataParallel(
+                loss_module, find_unused_parameters=True, **ddp_kwargs
+            )
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = self._optimizer(params, o)
+        ds = self._dataset()
+        steps_per_epoch = len(self._loader(ds, o.batch_size, 0, 0))
+        total = steps_per_epoch * o.epochs
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_lambda(o, total))
+        use_amp = o.amp and self.device.type == "cuda"
+        scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+        sdir = self.stage_dir(stage)
+        start_epoch, step, best = 0, 0, -float("inf")
+        if resume and (sdir / "last.pt").exists():
+            ckpt = load_checkpoint(sdir / "last.pt")
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            scaler.load_state_dict(ckpt["scaler"])
+            start_epoch, step, best = ckpt["epoch"], ckpt["step"], ckpt["best"]
+            restore_rng(ckpt["rng"])
+            if dist_utils.is_main():
+                log.info(
+                    f"stage {stage}: resumed from {sdir / 'last.pt'} at epoch {start_epoch}, step {step}"
+                )
+        rows = self._csv_rows(sdir, step if resume else 0)
+
+        def state(epoch: int) -> dict:
+            return {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "epoch": epoch,
+                "step": step,
+                "best": best,
+                "rng": capture_rng(),
+                "config": cfg.to_dict(),
+                "classes": self.classes,
+                "category_ids": list(self.train_data.category_ids),
+                "stage": stage,
+                "extended": stage > 1,
+                "trainable": trainable,
+            }
+
+        def save(name: str, epoch: int) -> None:
+            if dist_utils.is_main():
+                save_checkpoint(state(epoch), sdir / name)
+                self._write_csv(sdir, rows)
+
+        bad = 0
+        interrupted = False
+        previous = signal.getsignal(signal.SIGINT)
+        try:
+            for epoch in range(start_epoch, o.epochs):
+                model.train()
+                skip = step - epoch * steps_per_epoch
+                loader = self._loader(ds, o.batch_size, epoch, max(skip, 0))
+                bar = tqdm(
+                    loader,
+                    desc=f"stage {stage} epoch {epoch + 1}/{o.epochs}",
+                    disable=self.quiet or not dist_utils.is_main(),
+                    leave=False,
+                )
+                for images, targets in bar:
+                    images = [i.to(self.device) for i in images]
+                    targets = [
+                        {
+                            "boxes": t["boxes"].as_subclass(torch.Tensor).to(self.device),
+                            "labels": t["labels"].to(self.device),
+                        }
+                        for t in targets
+                    ]
+                    with torch.autocast(self.device.type, enabled=use_amp):
+                        losses = wrapped(images, targets)
+                    loss = losses["loss"]
+                    finite = torch.isfinite(loss.detach())
+                    if self.distributed:
+                        flag = finite.float().to(self.device)
+                        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+                        finite = flag > 0
+                    optimizer.zero_grad(set_to_none=True)
+                    if not finite:
+                        bad += 1
+                        log.warning(
+                            f"stage {stage} step {step}: non-finite loss skipped ({bad} in a row)"
+                        )
+                        if bad >= o.max_bad_steps:
+                            raise RuntimeError(
+                                f"stage {stage}: {bad} non-finite losses in a row at step {step}; "
+                                f"lower the learning rate (now {scheduler.get_last_lr()[0]:.3g}) or check the data"
+                            )
+                        continue
+                    bad = 0
+                    scaler.scale(loss).backward()
+                    if o.clip_grad:
+                        scaler.unscale_(optimizer)
+                        torch.nn.utils.clip_grad_norm_(params, o.clip_grad)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    scheduler.step()
+                    step += 1
+                    row = {
+                        "stage": stage,
+                        "epoch": epoch + 1,
+                        "step": step,
+                        "split": "train",
+                        "lr": scheduler.get_last_lr()[0],
+                    }
+                    row.update(
+                        {k: float(v.detach()) for k, v in losses.items() if k in LOSS_COLUMNS}
+                    )
+                    rows.append(row)
+                    if not self.quiet:
+                        bar.set_postfix(
+                            {
+                                k: f"{v:.3f}"
+                                for k, v in row.items()
+                                if k.startswith(("loss", "glob", "pos"))
+                                and k
+                                in (
+                                    "loss",
+                                    "glob_p2",
+                                    "pos_p2",
+                                    "loss_classifier",
+                                    "loss_classifier_small",
+                                )
+                            }
+                        )
+                    if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                        save("last.pt", epoch)
+                    if self.stop_after_steps is not None and step >= self.stop_after_steps:
+                        save("last.pt", epoch)
+                        return sdir / "last.pt"
+                metrics = evaluate_model(
+                    model,
+                    self.val_data,
+                    device=self.device,
+                    batch_size=o.batch_size,
+                    score_thresh=cfg.eval_score_thresh,
+                    quiet=self.quiet,
+                )
+                if dist_utils.is_main():
+                    metrics.pop("_results", None)
+                    rows.append(
+                        {
+                            "stage": stage,
+                            "epoch": epoch + 1,
+                            "step": step,
+                            "split": "val",
+                            **{k: metrics[k] for k in VAL_COLUMNS},
+                        }
+                    )
+                    score = metrics["AP_small"]
+                    if not self.quiet:
+                        tqdm.write(
+                            f"stage {stage} epoch {epoch + 1}: AP {metrics['AP']:.3f} AP_small {score:.3f} AR_small {metrics['AR_small']:.3f}"
+                        )
+                    if score > best or not (sdir / "best.pt").exists():
+                        best = max(score, best)
+                        save("best.pt", epoch + 1)
+                save("last.pt", epoch + 1)
+        except KeyboardInterrupt:
+            interrupted = True
+            save("last.pt", epoch)
+            if dist_utils.is_main():
+                log.warning(f"interrupted: saved {sdir / 'last.pt'}; continue with --resume")
+            raise
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            if not interrupted and dist_utils.is_main() and rows:
+                self._write_csv(sdir, rows)
+                from ..viz import plot_losses
+
+                plot_losses(rows, sdir / "losses.png", title=f"stage {stage}")
+        return sdir / "best.pt"
+
+    def _initialise(self, model: nn.Module, stage: int, path: Path) -> None:
+        """Stage 1 from a trained detector (torchvision or ours; a predictor of another
+        class count is left fresh); later stages from the previous stage."""
+        ckpt = load_checkpoint(path)
+        state = ckpt.get("model", ckpt)
+        if stage > 1 and not ckpt.get("extended", False):
+            load_baseline_state_dict(model, state, source=str(path))
+            return
+        own = model.state_dict()
+        fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        refit = sorted(set(state) & set(own) - set(fitting))
+        missing, unexpected = model.load_state_dict(fitting, strict=False)
+        allowed = ("roi_heads.box_predictor.",) if stage == 1 else ()
+        bad = [k for k in list(missing) + refit if not k.startswith(allowed)]
+        unexpected = [k for k in unexpected if not k.endswith("num_batches_tracked")]
+        if bad or unexpected:
+            raise ValueError(
+                f"{path}: does not fit this model (missing or mismatched {bad[:3]}, unexpected {unexpected[:3]})"
+            )
+
+    @staticmethod
+    def _csv_rows(sdir: Path, keep_until: int) -> list[dict]:
+        path = sdir / "metrics.csv"
+        if keep_until <= 0 or not path.exists():
+            return []
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= keep_until]
+        return [{k: v for k, v in r.items() if v != ""} for r in rows]
+
+    @staticmethod
+    def _write_csv(sdir: Path, rows: list[dict]) -> None:
+        sdir.mkdir(parents=True, exist_ok=True)
+        tmp = sdir / ".metrics.csv.tmp"
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: r.get(k, "") for k in CSV_COLUMNS})
+        tmp.replace(sdir / "metrics.csv")
+
+    # -- all stages
+    def run(self, stages: list[int], resume: bool = False) -> dict:
+        best = None
+        for s in stages:
+            init = None
+            if s == 1:
+                init = self.cfg.stage1.init
+            best = self.run_stage(s, resume=resume, init=init)
+        if best is None or not dist_utils.is_main():
+            return {}
+        model, _ = model_from_checkpoint(best, self.device)
+        metrics = evaluate_model(
+            model,
+            self.val_data,
+            device=self.device,
+            score_thresh=self.cfg.eval_score_thresh,
+            quiet=self.quiet,
+            curves=True,
+        )
+        results = metrics.pop("_results")
+        (self.out / "predictions.json").write_text(json.dumps(results))
+        (self.out / "eval.json").write_text(json.dumps(metrics, indent=1))
+        from ..viz import plot_accuracy_recall, plot_size_ap
+
+        plot_size_ap({"model": metrics}, self.out / "ap_by_size.png")
+        plot_accuracy_recall({"model": metrics["curves"]}, self.out / "accuracy_recall.png")
+        return metrics

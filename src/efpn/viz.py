@@ -1,0 +1,159 @@
+"""Plots and drawings: loss curves, AP by size, accuracy-recall curves (Fig. 7),
+true/false positive drawings (Fig. 8) and feature maps (Fig. 6)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+from torchvision.ops import box_iou  # noqa: E402
+
+__all__ = [
+    "draw_comparison",
+    "draw_detections",
+    "plot_accuracy_recall",
+    "plot_losses",
+    "plot_size_ap",
+]
+
+GREEN, BLUE, RED = (0, 200, 0), (40, 90, 255), (230, 20, 20)
+
+
+def plot_losses(rows: list[dict], path: str | Path, title: str = "") -> Path:
+    train = [r for r in rows if r.get("split") == "train"]
+    keys = [
+        k
+        for k in (
+            "loss",
+            "loss_classifier",
+            "loss_box_reg",
+            "loss_classifier_small",
+            "loss_box_reg_small",
+            "loss_objectness",
+            "glob_p2",
+            "pos_p2",
+            "glob_p3",
+            "pos_p3",
+        )
+        if any(k in r and r[k] != "" for r in train)
+    ]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for k in keys:
+        pts = [(int(r["step"]), float(r[k])) for r in train if k in r and r[k] != ""]
+        if pts:
+            ax.plot(*zip(*pts), label=k, linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title or "training losses")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_size_ap(entries: dict[str, dict], path: str | Path) -> Path:
+    """Grouped bars of AP_small/medium/large/AP per model."""
+    keys = ["AP_small", "AP_medium", "AP_large", "AP"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / max(len(entries), 1)
+    for i, (name, m) in enumerate(entries.items()):
+        vals = [max(m.get(k, 0.0), 0.0) for k in keys]
+        ax.bar(np.arange(len(keys)) + i * width, vals, width, label=name)
+    ax.set_xticks(np.arange(len(keys)) + width * (len(entries) - 1) / 2, keys)
+    ax.set_ylabel("AP")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_accuracy_recall(curves: dict[str, dict], path: str | Path) -> Path:
+    """Accuracy-recall curves per size bin (Fig. 7), one line per model."""
+    bins = ["small", "medium", "large", "overall"]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4))
+    for ax, b in zip(axes, bins):
+        for name, c in curves.items():
+            if b in c:
+                ax.plot(c[b]["recall"], c[b]["accuracy"], label=name)
+        ax.set_title(b)
+        ax.set_xlabel("recall")
+        ax.set_ylabel("accuracy")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def _classify(pred: dict, gt_boxes: torch.Tensor, gt_labels: torch.Tensor, iou: float = 0.5):
+    """Greedy same-class matching: (tp mask over predictions, matched mask over gt)."""
+    pb, pl = torch.as_tensor(pred["boxes"]).float(), torch.as_tensor(pred["labels"])
+    tp = torch.zeros(len(pb), dtype=torch.bool)
+    matched = torch.zeros(len(gt_boxes), dtype=torch.bool)
+    if len(pb) and len(gt_boxes):
+        ious = box_iou(pb, gt_boxes.float())
+        ious[pl[:, None] != gt_labels[None, :]] = 0
+        for i in torch.argsort(torch.as_tensor(pred["scores"]), descending=True).tolist():
+            j = int(torch.argmax(ious[i]))
+            if ious[i, j] > iou and not matched[j]:
+                tp[i], matched[j] = True, True
+    return tp, matched
+
+
+def draw_detections(
+    image: Image.Image,
+    pred: dict,
+    class_names=None,
+    gt: dict | None = None,
+    score_thresh: float = 0.5,
+) -> Image.Image:
+    """Draw predictions; with ``gt``, true positives green, false positives blue and
+    false negatives red (the paper's Fig. 8)."""
+    image = image.convert("RGB").copy()
+    d = ImageDraw.Draw(image)
+    keep = torch.as_tensor(pred["scores"]) >= score_thresh
+    pred = {k: torch.as_tensor(v)[keep] for k, v in pred.items()}
+    if gt is None:
+        for b, lab, s in zip(
+            pred["boxes"].tolist(), pred["labels"].tolist(), pred["scores"].tolist()
+        ):
+            d.rectangle(b, outline=GREEN, width=2)
+            name = class_names[lab - 1] if class_names else str(lab)
+            d.text((b[0], max(b[1] - 10, 0)), f"{name} {s:.2f}", fill=GREEN)
+        return image
+    tp, matched = _classify(pred, torch.as_tensor(gt["boxes"]), torch.as_tensor(gt["labels"]))
+    for b, ok in zip(pred["boxes"].tolist(), tp.tolist()):
+        d.rectangle(b, outline=GREEN if ok else BLUE, width=2)
+    for b, ok in zip(torch.as_tensor(gt["boxes"]).tolist(), matched.tolist()):
+        if not ok:
+            d.rectangle(b, outline=RED, width=2)
+    return image
+
+
+def draw_comparison(
+    image: Image.Image,
+    preds: dict[str, dict],
+    gt: dict,
+    path: str | Path,
+    score_thresh: float = 0.5,
+) -> Path:
+    """Side-by-side Fig. 8-style panels, one per model."""
+    panels = [draw_detections(image, p, gt=gt, score_thresh=score_thresh) for p in preds.values()]
+    w, h = panels[0].size
+    canvas = Image.new("RGB", (w * len(panels), h + 16), (255, 255, 255))
+    d = ImageDraw.Draw(canvas)
+    for i, (name, panel) in enumerate(zip(preds, panels)):
+        canvas.paste(panel, (i * w, 16))
+        d.text((i * w + 4, 2), name, fill=(0, 0, 0))
+    canvas.save(path)
+    return Path(path)
