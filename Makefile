@@ -26,7 +26,7 @@ $(VENV_STAMP): pyproject.toml uv.lock | $(if $(shell command -v uv 2>/dev/null),
 sync: $(VENV_STAMP)
 
 demo: $(VENV_STAMP)
-	$(RUN) efpn summary --backbone resnet18 --size 512
+	$(RUN) efpn demo --out runs/demo
 
 test: $(VENV_STAMP)
 	$(RUN) pytest -q

@@ -93,7 +93,7 @@ class BalancedCropDataset(Dataset):
                 instances.setdefault(lab, []).append((i, k))
         self.counts = Counter({c: len(v) for c, v in instances.items()})
         self.extra: list[tuple[int, int, float, float]] = []
-        for c, items in sorted(instances.items()):
+        for _, items in sorted(instances.items()):
             for _ in range(max(target_per_class - len(items), 0)):
                 i, k = items[int(rng.integers(len(items)))]
                 self.extra.append((i, k, float(rng.random()), float(rng.random())))

@@ -37,11 +37,25 @@ def predict_dataset(
 ) -> tuple[list[dict], float]:
     """COCO results of ``model`` on ``data`` and seconds per image.
 
-    ``scale`` resizes the images before the model (the paper's FPN-2x test); boxes are
+    ``scale`` multiplies the detector's test size (the paper's FPN-2x test); boxes are
     mapped back to the original pixels. Under torchrun each rank predicts its share and
     the results are gathered.
     """
     model.eval()
+    transform = model.transform
+    sizes = (transform.min_size, transform.max_size)
+    if (
+        scale != 1.0
+    ):  # the detector's own resize does the up-scaling; boxes come back in original pixels
+        transform.min_size = tuple(int(round(s * scale)) for s in sizes[0])
+        transform.max_size = int(round(sizes[1] * scale))
+    try:
+        return _predict(model, data, device, batch_size, quiet)
+    finally:
+        transform.min_size, transform.max_size = sizes
+
+
+def _predict(model, data, device, batch_size, quiet):
     ds = DetectionDataset(data, build_transforms(train=False))
     indices = list(range(dist_utils.rank(), len(ds), dist_utils.world_size()))
     loader = DataLoader(
@@ -52,23 +66,13 @@ def predict_dataset(
         loader, desc="eval", leave=False, disable=quiet or not dist_utils.is_main()
     ):
         images = [img.to(device) for img in images]
-        if scale != 1.0:
-            images = [
-                torch.nn.functional.interpolate(
-                    img[None], scale_factor=scale, mode="bilinear", align_corners=False
-                )[0]
-                for img in images
-            ]
-        if device != "cpu" and torch.cuda.is_available():
+        if torch.device(device).type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
         outputs = model(images)
-        if device != "cpu" and torch.cuda.is_available():
+        if torch.device(device).type == "cuda":
             torch.cuda.synchronize()
         seconds += time.perf_counter() - start
-        if scale != 1.0:
-            for o in outputs:
-                o["boxes"] = o["boxes"] / scale
         results += to_coco_results([t["image_id"] for t in targets], outputs, data.category_ids)
     gathered = dist_utils.gather_objects((results, seconds, len(indices)))
     results = [r for part in gathered for r in part[0]]

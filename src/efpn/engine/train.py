@@ -275,11 +275,15 @@ class Trainer:
                 groups.append(int(r.width >= r.height))
             else:
                 groups.append(1)
+        # Its own generator: creating a loader must not draw from the global RNG, or a
+        # resumed run would see different RPN/RoI sampling than an uninterrupted one.
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch)
         return DataLoader(
             ds,
             batch_sampler=GroupedBatchSampler(sampler, groups, batch_size, skip),
             collate_fn=collate,
             num_workers=self.cfg.data.workers,
+            generator=gen,
         )
 
     # -- optimisation

@@ -1,0 +1,145 @@
+import json
+import pickle
+
+import pytest
+import torch
+
+from efpn.config import load_config
+from efpn.engine.checkpoint import load_checkpoint, save_checkpoint
+from efpn.engine.train import Trainer, model_from_checkpoint
+from efpn.models.heads import ohem_select
+
+TINY = {
+    "name": "tiny",
+    "data": {"format": "synth", "synth_train": 4, "synth_val": 2, "synth_size": 96},
+    "model": {
+        "backbone": "resnet18",
+        "min_size": 96,
+        "max_size": 96,
+        "small_roi_size": 24,
+        "anchor_sizes": [16, 32, 64, 128, 256],
+        "sr_width": 16,
+        "rpn_batch_size_per_image": 32,
+        "box_batch_size_per_image": 32,
+    },
+    "stage1": {"optim": {"epochs": 1, "batch_size": 2, "lr": 0.01, "warmup_iters": 1}},
+    "stage2": {"optim": {"epochs": 1, "batch_size": 2, "lr": 0.001, "warmup_iters": 1}},
+    "stage3": {
+        "ohem_batch_size_per_image": 16,
+        "optim": {"epochs": 1, "batch_size": 2, "lr": 0.001, "warmup_iters": 1},
+    },
+    "checkpoint_every": 1,
+}
+
+
+def _cfg(tmp_path, **over):
+    import yaml
+
+    d = json.loads(json.dumps(TINY))
+    for k, v in over.items():
+        node = d
+        *parents, last = k.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = v
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return load_config(path)
+
+
+def test_three_stages_end_to_end(tmp_path):
+    trainer = Trainer(_cfg(tmp_path), tmp_path / "run", quiet=True)
+    metrics = trainer.run([1, 2, 3])
+    for s in (1, 2, 3):
+        d = tmp_path / "run" / f"stage{s}"
+        assert (
+            (d / "best.pt").exists()
+            and (d / "last.pt").exists()
+            and (d / "metrics.csv").exists()
+            and (d / "losses.png").exists()
+        )
+    header = (tmp_path / "run" / "stage2" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"glob_p2", "pos_p2", "glob_p3", "pos_p3"} <= set(header)
+    ev = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert set(ev["tt100k"]) == {"overall", "small", "medium", "large"}
+    assert 0 <= metrics["AP_small"] <= 1 or metrics["AP_small"] == -1
+    assert (tmp_path / "run" / "config.yaml").exists() and (
+        tmp_path / "run" / "accuracy_recall.png"
+    ).exists()
+    model, ckpt = model_from_checkpoint(tmp_path / "run" / "stage3" / "best.pt")
+    assert model.extended and ckpt["classes"] and ckpt["stage"] == 3
+
+
+def test_resume_is_exact(tmp_path):
+    cfg = _cfg(tmp_path, **{"stage1.optim.epochs": 2, "data.synth_train": 6})
+    full = Trainer(cfg, tmp_path / "full", quiet=True)
+    full.run_stage(1)
+    part = Trainer(cfg, tmp_path / "part", quiet=True, stop_after_steps=4)
+    part.run_stage(1)  # interrupted mid epoch 2 (3 steps per epoch)
+    assert load_checkpoint(tmp_path / "part" / "stage1" / "last.pt")["step"] == 4
+    Trainer(cfg, tmp_path / "part", quiet=True).run_stage(1, resume=True)
+    a = load_checkpoint(tmp_path / "full" / "stage1" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "part" / "stage1" / "last.pt")["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_stage2_leaves_frozen_parts_unchanged(tmp_path):
+    trainer = Trainer(_cfg(tmp_path), tmp_path / "run", quiet=True)
+    trainer.run_stage(1)
+    before = load_checkpoint(tmp_path / "run" / "stage1" / "best.pt")["model"]
+    trainer.run_stage(2)
+    after = load_checkpoint(tmp_path / "run" / "stage2" / "last.pt")["model"]
+    changed_new = False
+    for k, v in after.items():
+        if k.startswith("backbone.extension."):
+            changed_new = True
+            continue
+        if k.startswith("roi_heads.small_"):
+            continue
+        assert torch.equal(before[k], v), k
+    assert changed_new
+
+
+def test_ohem_keeps_hardest_by_rule():
+    labels = torch.tensor([1, 2, 0, 0, 0, 1, -1, 0])
+    cls = torch.tensor([0.1, 0.5, 0.9, 0.2, 0.7, 0.3, 5.0, 0.05])
+    box = torch.tensor([0.9, 0.0, 0.0, 0.0, 0.0, 0.1, 0.0, 0.0])
+    keep = ohem_select(cls, box, labels, batch_size=4, positive_fraction=0.5)
+    # positives ranked by cls+box: idx0 (1.0) > idx1 (0.5) > idx5 (0.4); 2 kept
+    # negatives by cls: idx2 (0.9) > idx4 (0.7); the ignored RoI (-1) is never chosen
+    assert keep.tolist() == [0, 1, 2, 4]
+    keep = ohem_select(cls, box, labels, batch_size=6, positive_fraction=0.25)
+    assert keep.tolist() == [0, 2, 4, 3, 7]
+
+
+def test_checkpoint_loading_refuses_pickled_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "payload": Evil()}, path)
+    with pytest.raises(ValueError, match="not a safe"):
+        load_checkpoint(path)
+    ok = save_checkpoint({"a": torch.ones(2)}, tmp_path / "ok.pt")
+    assert torch.equal(load_checkpoint(ok)["a"], torch.ones(2))
+    assert not list(tmp_path.glob(".ok.pt.*"))  # the temporary file was renamed away
+    assert pickle  # pickle protocol is what weights_only guards against
+
+
+def test_nan_loss_skipped_then_aborts(tmp_path, monkeypatch):
+    cfg = _cfg(tmp_path, **{"stage1.optim.max_bad_steps": 2, "data.synth_train": 6})
+    from efpn.engine import train as train_mod
+
+    original = train_mod.StageLoss.forward
+
+    def nan_forward(self, images, targets):
+        out = original(self, images, targets)
+        out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(train_mod.StageLoss, "forward", nan_forward)
+    with pytest.raises(RuntimeError, match="2 non-finite losses in a row"):
+        Trainer(cfg, tmp_path / "nan", quiet=True).run_stage(1)
