@@ -309,6 +309,7 @@ def _cmd_val(args) -> int:
     from .config import config_from_dict, load_config
     from .engine.evaluate import evaluate_model
     from .engine.train import load_data, model_from_checkpoint
+    from .metrics import metric_keys
 
     model, ckpt = model_from_checkpoint(args.weights)
     cfg = load_config(args.data) if args.data else config_from_dict(ckpt["config"])
@@ -319,20 +320,7 @@ def _cmd_val(args) -> int:
         print(json.dumps(m))
         return 0
     print(f"COCO box metrics of {args.weights} on {val.source} ({len(val.images)} images):")
-    for k in [
-        "AP",
-        "AP50",
-        "AP75",
-        "AP_small",
-        "AP_medium",
-        "AP_large",
-        "AR_1",
-        "AR_10",
-        "AR_100",
-        "AR_small",
-        "AR_medium",
-        "AR_large",
-    ]:
+    for k in metric_keys():
         print(f"  {k:<10} {m[k]:7.3f}")
     print(f"TT100K-style at score >= {args.score_thresh}:")
     print(f"  {'size':<8}{'accuracy':>10}{'recall':>10}{'F1':>10}")
