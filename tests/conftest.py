@@ -30,3 +30,53 @@ def shared_data():
         return path
 
     return get
+
+
+# A recipe small enough to train stages 1-3 in seconds on a CPU.
+TINY = {
+    "name": "tiny",
+    "data": {"format": "synth", "synth_train": 4, "synth_val": 2, "synth_size": 96},
+    "model": {
+        "backbone": "resnet18",
+        "min_size": 96,
+        "max_size": 96,
+        "small_roi_size": 24,
+        "anchor_sizes": [16, 32, 64, 128, 256],
+        "sr_width": 16,
+        "rpn_batch_size_per_image": 32,
+        "box_batch_size_per_image": 32,
+    },
+    "stage1": {"optim": {"epochs": 1, "batch_size": 2, "lr": 0.01, "warmup_iters": 1}},
+    "stage2": {"optim": {"epochs": 1, "batch_size": 2, "lr": 0.001, "warmup_iters": 1}},
+    "stage3": {
+        "ohem_batch_size_per_image": 16,
+        "optim": {"epochs": 1, "batch_size": 2, "lr": 0.001, "warmup_iters": 1},
+    },
+    "checkpoint_every": 1,
+}
+
+
+def write_tiny_config(folder: Path, **overrides) -> Path:
+    """Write the tiny recipe, with dotted-key overrides, as ``folder/cfg.yaml``."""
+    import copy
+
+    import yaml
+
+    d = copy.deepcopy(TINY)
+    for key, value in overrides.items():
+        node = d
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    path = folder / "cfg.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return path
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    """``tiny_cfg(**{"stage1.optim.epochs": 2})`` -> the tiny :class:`efpn.config.Config`."""
+    from efpn.config import load_config
+
+    return lambda **overrides: load_config(write_tiny_config(tmp_path, **overrides))

@@ -4,51 +4,13 @@ import pickle
 import pytest
 import torch
 
-from efpn.config import load_config
 from efpn.engine.checkpoint import load_checkpoint, save_checkpoint
 from efpn.engine.train import Trainer, model_from_checkpoint
 from efpn.models.heads import ohem_select
 
-TINY = {
-    "name": "tiny",
-    "data": {"format": "synth", "synth_train": 4, "synth_val": 2, "synth_size": 96},
-    "model": {
-        "backbone": "resnet18",
-        "min_size": 96,
-        "max_size": 96,
-        "small_roi_size": 24,
-        "anchor_sizes": [16, 32, 64, 128, 256],
-        "sr_width": 16,
-        "rpn_batch_size_per_image": 32,
-        "box_batch_size_per_image": 32,
-    },
-    "stage1": {"optim": {"epochs": 1, "batch_size": 2, "lr": 0.01, "warmup_iters": 1}},
-    "stage2": {"optim": {"epochs": 1, "batch_size": 2, "lr": 0.001, "warmup_iters": 1}},
-    "stage3": {
-        "ohem_batch_size_per_image": 16,
-        "optim": {"epochs": 1, "batch_size": 2, "lr": 0.001, "warmup_iters": 1},
-    },
-    "checkpoint_every": 1,
-}
 
-
-def _cfg(tmp_path, **over):
-    import yaml
-
-    d = json.loads(json.dumps(TINY))
-    for k, v in over.items():
-        node = d
-        *parents, last = k.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = v
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(d))
-    return load_config(path)
-
-
-def test_three_stages_end_to_end(tmp_path):
-    trainer = Trainer(_cfg(tmp_path), tmp_path / "run", quiet=True)
+def test_three_stages_end_to_end(tmp_path, tiny_cfg):
+    trainer = Trainer(tiny_cfg(), tmp_path / "run", quiet=True)
     metrics = trainer.run([1, 2, 3])
     for s in (1, 2, 3):
         d = tmp_path / "run" / f"stage{s}"
@@ -70,8 +32,8 @@ def test_three_stages_end_to_end(tmp_path):
     assert model.extended and ckpt["classes"] and ckpt["stage"] == 3
 
 
-def test_resume_is_exact(tmp_path):
-    cfg = _cfg(tmp_path, **{"stage1.optim.epochs": 2, "data.synth_train": 6})
+def test_resume_is_exact(tmp_path, tiny_cfg):
+    cfg = tiny_cfg(**{"stage1.optim.epochs": 2, "data.synth_train": 6})
     full = Trainer(cfg, tmp_path / "full", quiet=True)
     full.run_stage(1)
     part = Trainer(cfg, tmp_path / "part", quiet=True, stop_after_steps=4)
@@ -85,8 +47,8 @@ def test_resume_is_exact(tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
-def test_stage2_leaves_frozen_parts_unchanged(tmp_path):
-    trainer = Trainer(_cfg(tmp_path), tmp_path / "run", quiet=True)
+def test_stage2_leaves_frozen_parts_unchanged(tmp_path, tiny_cfg):
+    trainer = Trainer(tiny_cfg(), tmp_path / "run", quiet=True)
     trainer.run_stage(1)
     before = load_checkpoint(tmp_path / "run" / "stage1" / "best.pt")["model"]
     trainer.run_stage(2)
@@ -129,8 +91,8 @@ def test_checkpoint_loading_refuses_pickled_code(tmp_path):
     assert pickle  # pickle protocol is what weights_only guards against
 
 
-def test_nan_loss_skipped_then_aborts(tmp_path, monkeypatch):
-    cfg = _cfg(tmp_path, **{"stage1.optim.max_bad_steps": 2, "data.synth_train": 6})
+def test_nan_loss_skipped_then_aborts(tmp_path, monkeypatch, tiny_cfg):
+    cfg = tiny_cfg(**{"stage1.optim.max_bad_steps": 2, "data.synth_train": 6})
     from efpn.engine import train as train_mod
 
     original = train_mod.StageLoss.forward

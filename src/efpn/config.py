@@ -49,6 +49,8 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     backbone: str = "resnet18"
+    fpn_channels: int = 256
+    representation_size: int = 1024
     sr_module: str = "ftt"
     sr_width: int | None = None
     ftt_blocks: int = 2
@@ -61,6 +63,12 @@ class ModelConfig:
     max_size: int = 512
     anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
     trainable_backbone_layers: int = 3
+    # "batchnorm" trains the stage-1 baseline with BN (needed from scratch); stages 2-3
+    # always freeze BN, with the statistics stage 1 learnt.
+    norm_layer: str = "frozen"
+    sync_bn: bool = False
+    p2x_mode: str = "sparse"
+    sparse_max_coverage: float = 0.5
     weights_backbone: str | None = None
     box_score_thresh: float = 0.05
     box_detections_per_img: int = 100

@@ -33,7 +33,14 @@ from . import distributed as dist_utils
 from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from .evaluate import evaluate_model
 
-__all__ = ["StageLoss", "Trainer", "build_model", "load_data", "model_from_checkpoint"]
+__all__ = [
+    "StageLoss",
+    "Trainer",
+    "build_model",
+    "load_data",
+    "model_from_checkpoint",
+    "model_kwargs",
+]
 
 log = logging.getLogger("efpn.train")
 
@@ -70,7 +77,9 @@ def load_data(cfg: Config, root: Path | None = None) -> tuple[DetectionData, Det
     """Train and val records for a config; ``synth`` generates SynthSigns under ``root``."""
     d = cfg.data
     if d.format == "synth":
-        out = Path(root or "runs") / "synthsigns"
+        # One folder per generator setting, so a changed recipe never reads stale data.
+        name = f"synthsigns_{d.synth_train}x{d.synth_val}_{d.synth_size}px_seed{d.synth_seed}"
+        out = Path(root or "runs") / name
         if not (out / "val.json").exists() or not (out / "train.json").exists():
             if dist_utils.is_main():
                 generate(out, d.synth_train, d.synth_val, d.synth_size, d.synth_seed)
@@ -91,31 +100,43 @@ def load_data(cfg: Config, root: Path | None = None) -> tuple[DetectionData, Det
     return read(d.train, d.train_split), read(d.val or d.train, d.val_split)
 
 
-def build_model(cfg: Config, num_classes: int, extended: bool) -> nn.Module:
+def model_kwargs(cfg: Config, extended: bool = True) -> dict:
+    """The builder arguments (:func:`efpn.models.efpn_fpn`) of a recipe's model section."""
     m = cfg.model
     sr_kwargs = {"width": m.sr_width} if m.sr_module != "nearest" else {}
     if m.sr_module == "ftt":
         sr_kwargs.update(content_blocks=m.ftt_blocks, texture_blocks=m.ftt_blocks)
-    return efpn_fpn(
-        m.backbone,
-        num_classes=num_classes,
-        extended=extended,
+    return dict(
         sr_module=m.sr_module,
         sr_kwargs=sr_kwargs,
         ftt_input=m.ftt_input,
         ext_out_width=m.ext_out_width,
+        out_channels=m.fpn_channels,
+        representation_size=m.representation_size,
         small_roi_size=m.small_roi_size,
         merge=m.merge,
         rpn_on_p2x=m.rpn_on_p2x,
         anchor_sizes=tuple(m.anchor_sizes),
         weights_backbone=m.weights_backbone,
         trainable_backbone_layers=m.trainable_backbone_layers,
+        norm_layer="frozen" if extended else m.norm_layer,
+        p2x_mode=m.p2x_mode,
+        sparse_max_coverage=m.sparse_max_coverage,
         min_size=m.min_size,
         max_size=m.max_size,
         box_score_thresh=m.box_score_thresh,
         box_detections_per_img=m.box_detections_per_img,
         rpn_batch_size_per_image=m.rpn_batch_size_per_image,
         box_batch_size_per_image=m.box_batch_size_per_image,
+    )
+
+
+def build_model(cfg: Config, num_classes: int, extended: bool) -> nn.Module:
+    return efpn_fpn(
+        cfg.model.backbone,
+        num_classes=num_classes,
+        extended=extended,
+        **model_kwargs(cfg, extended),
     )
 
 
@@ -327,6 +348,8 @@ class Trainer:
             model.roi_heads.ohem = scfg.ohem
             model.roi_heads.ohem_batch_size_per_image = scfg.ohem_batch_size_per_image
         trainable = _freeze_for_stage(model, stage, cfg, scfg)
+        if self.distributed and cfg.model.sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model.to(self.device)
         loss_module = StageLoss(model, stage, cfg)
         wrapped = loss_module
@@ -522,7 +545,11 @@ class Trainer:
         refit = sorted(set(state) & set(own) - set(fitting))
         missing, unexpected = model.load_state_dict(fitting, strict=False)
         allowed = ("roi_heads.box_predictor.",) if stage == 1 else ()
-        bad = [k for k in list(missing) + refit if not k.startswith(allowed)]
+        bad = [
+            k
+            for k in list(missing) + refit
+            if not k.startswith(allowed) and not k.endswith("num_batches_tracked")
+        ]
         unexpected = [k for k in unexpected if not k.endswith("num_batches_tracked")]
         if bad or unexpected:
             raise ValueError(

@@ -15,7 +15,7 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from .ftt import build_sr_module, crop_to
+from .ftt import build_sr_module, conv_radius, crop_to
 
 __all__ = [
     "BACKBONES",
@@ -104,6 +104,69 @@ class ExtendedLevel(nn.Module):
         lateral = self.lateral(c2x)
         top_down = crop_to(F.interpolate(p3x, scale_factor=2.0, mode="nearest"), lateral.shape[-2:])
         return self.output(lateral + top_down), p3x
+
+    def forward_window(
+        self,
+        layer1: nn.Module,
+        stem: Tensor,
+        p2: Tensor,
+        p3: Tensor,
+        window: tuple[int, int, int, int],
+    ) -> Tensor:
+        """P'2 on one window ``(y0, y1, x0, x1)`` of its grid, equal to the same window of
+        the dense P'2.
+
+        Each level is cropped with the receptive-field radius of what reads it, so the
+        values that reach the window never see a crop edge; at the map's own border the
+        crop stops there and zero padding acts exactly as in the dense pass. Needs the
+        stem, P2 and P3 sizes in the exact 2:1 ratios that a batch padded to a multiple of
+        32 has.
+
+        Args:
+            layer1: the backbone's ``layer1`` (C'2 = layer1(stem)).
+            stem, p2, p3: ``(1, C, H, W)`` maps at strides 2, 4 and 8.
+            window: rows ``y0:y1`` and columns ``x0:x1`` of the stride-2 grid.
+        """
+        ro, r1 = conv_radius(self.output), conv_radius(layer1)
+        rt, rc = self.sr.texture_radius, self.sr.content_radius
+        (y0, y1, x0, x1), spans = window, []
+        for lo, hi, n2, n4, n8 in (
+            (y0, y1, *_sizes(stem, p2, p3, -2)),
+            (x0, x1, *_sizes(stem, p2, p3, -1)),
+        ):
+            s = (max(lo - ro, 0), min(hi + ro, n2))  # the sum map the 3x3 output conv reads
+            q = (s[0] // 2, (s[1] - 1) // 2 + 1)  # P'3 cells up-sampled into it
+            k = (max(q[0] - rt, 0), min(q[1] + rt, n4))  # P2 and content for the texture part
+            m = (max(k[0] // 2 - rc, 0), min((k[1] - 1) // 2 + 1 + rc, n8))  # P3 for content
+            r = (max(s[0] - r1, 0), min(s[1] + r1, n2))  # stem for C'2
+            spans.append((lo, hi, s, q, k, m, r))
+        (ly, hy, sy, qy, ky, my, ry), (lx, hx, sx, qx, kx, mx, rx) = spans
+
+        content = self.sr.content(p3[..., my[0] : my[1], mx[0] : mx[1]])
+        content = content[
+            ..., ky[0] - 2 * my[0] : ky[1] - 2 * my[0], kx[0] - 2 * mx[0] : kx[1] - 2 * mx[0]
+        ]
+        p3x = self.sr.texture(p2[..., ky[0] : ky[1], kx[0] : kx[1]], content)
+        p3x = p3x[..., qy[0] - ky[0] : qy[1] - ky[0], qx[0] - kx[0] : qx[1] - kx[0]]
+        top_down = F.interpolate(p3x, scale_factor=2.0, mode="nearest")
+        top_down = top_down[
+            ..., sy[0] - 2 * qy[0] : sy[1] - 2 * qy[0], sx[0] - 2 * qx[0] : sx[1] - 2 * qx[0]
+        ]
+        c2x = layer1(stem[..., ry[0] : ry[1], rx[0] : rx[1]])
+        lateral = self.lateral(
+            c2x[..., sy[0] - ry[0] : sy[1] - ry[0], sx[0] - rx[0] : sx[1] - rx[0]]
+        )
+        out = self.output(lateral + top_down)
+        return out[..., ly - sy[0] : hy - sy[0], lx - sx[0] : hx - sx[0]]
+
+
+def _sizes(stem: Tensor, p2: Tensor, p3: Tensor, dim: int) -> tuple[int, int, int]:
+    n2, n4, n8 = stem.shape[dim], p2.shape[dim], p3.shape[dim]
+    if n2 != 2 * n4 or n4 != 2 * n8:
+        raise ValueError(
+            f"windowed P'2 needs maps in 4:2:1 ratio, got {n2}, {n4}, {n8}; pad the batch to a multiple of 32"
+        )
+    return n2, n4, n8
 
 
 class EFPNBackbone(nn.Module):
@@ -195,6 +258,41 @@ class EFPNBackbone(nn.Module):
         out.pop("p3x", None)
         return out
 
+    @property
+    def p2x_halo(self) -> int:
+        """How far, in stride-2 cells, the extension's work reaches around a window."""
+        ext = self.extension
+        return max(
+            2 * (ext.sr.texture_radius + conv_radius(ext.output)),
+            conv_radius(self.body.layer1) + conv_radius(ext.output),
+        )
+
+    def forward_p2x_windows(
+        self,
+        pyramid: dict[str, Tensor],
+        stem: Tensor,
+        inners: list[Tensor],
+        windows: list[list[tuple[int, int, int, int]]],
+    ) -> Tensor:
+        """P'2 computed only on ``windows`` (per image, in stride-2 cells), zero elsewhere.
+
+        Inside the windows the values equal the dense :meth:`forward`'s P'2; a window that
+        spans the whole map is the dense computation.
+        """
+        p2, p3 = self.extension_inputs(pyramid, inners)
+        n, _, h, w = stem.shape
+        canvas = p2.new_zeros((n, self.out_channels, h, w))
+        for i, image_windows in enumerate(windows):
+            for y0, y1, x0, x1 in image_windows:
+                canvas[i, :, y0:y1, x0:x1] = self.extension.forward_window(
+                    self.body.layer1,
+                    stem[i : i + 1],
+                    p2[i : i + 1],
+                    p3[i : i + 1],
+                    (y0, y1, x0, x1),
+                )[0]
+        return canvas
+
 
 def _load_backbone_file(body: nn.Module, path: str | Path) -> None:
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -223,22 +321,40 @@ def resnet_efpn_backbone(
     sr_kwargs: dict[str, Any] | None = None,
     ftt_input: str = "output",
     ext_out_width: int | None = None,
+    norm_layer: str = "frozen",
 ) -> EFPNBackbone:
-    """Build an :class:`EFPNBackbone` on a torchvision ResNet/ResNeXt with frozen BN.
+    """Build an :class:`EFPNBackbone` on a torchvision ResNet/ResNeXt.
 
     Args:
         backbone_name: one of :data:`BACKBONES`.
-        weights: ``None``, a torchvision weights enum (downloaded by torchvision only
-            when given) or the path of a local ImageNet state dict.
+        weights: ``None``, a torchvision weights enum or its name (for example
+            ``"ResNet50_Weights.IMAGENET1K_V1"``; torchvision downloads it only then) or the
+            path of a local ImageNet state dict.
         trainable_layers: as torchvision: 0..5 stages from layer4 down to conv1.
+        norm_layer: ``"frozen"`` (FrozenBatchNorm2d, torchvision's detection default) or
+            ``"batchnorm"`` (trainable BN, for training a baseline from scratch). The
+            extended backbone needs frozen BN: layer1 runs twice per step, and trainable
+            BN would update its statistics twice. Both share state-dict keys, so a
+            batchnorm baseline loads into the extended model with its statistics frozen.
     """
+    if norm_layer not in ("frozen", "batchnorm"):
+        raise ValueError(f"norm_layer must be 'frozen' or 'batchnorm', got {norm_layer!r}")
+    if norm_layer == "batchnorm" and extended:
+        raise ValueError(
+            "the extended backbone runs layer1 twice per step: use norm_layer='frozen'"
+        )
     if backbone_name not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone_name!r}; choose from {', '.join(BACKBONES)}")
     if not 0 <= trainable_layers <= 5:
         raise ValueError(f"trainable_layers must be in [0, 5], got {trainable_layers}")
+    if isinstance(weights, str) and not Path(weights).exists() and "_Weights." in weights:
+        from torchvision.models import get_weight  # a registry lookup, nothing is evaluated
+
+        weights = get_weight(weights)
     local = isinstance(weights, (str, Path))
     body = getattr(resnet, backbone_name)(
-        weights=None if local else weights, norm_layer=FrozenBatchNorm2d
+        weights=None if local else weights,
+        norm_layer=FrozenBatchNorm2d if norm_layer == "frozen" else nn.BatchNorm2d,
     )
     if local:
         _load_backbone_file(body, weights)

@@ -9,9 +9,11 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 
 from .backbone import EFPNBackbone, resnet_efpn_backbone
-from .heads import EFPNRoIHeads
+from .heads import EFPNRoIHeads, small_roi_mask
+from .sparse import plan_windows, window_coverage
 
 __all__ = [
     "EFPNFasterRCNN",
@@ -47,6 +49,12 @@ class EFPNFasterRCNN(FasterRCNN):
         merge: ``"exclusive"`` or ``"duplicate"``, see :class:`EFPNRoIHeads`.
         rpn_on_p2x: also run the RPN on P'2, with ``p2x_anchor_size`` anchors.
         ohem, ohem_batch_size_per_image, ohem_positive_fraction: OHEM for the small head.
+        representation_size: width of the two-MLP box heads (torchvision: 1024).
+        p2x_mode: at inference, ``"sparse"`` computes FTT and P'2 only on windows around
+            the small RoIs (same detections, less work); ``"dense"`` computes the whole
+            map. Training and ``rpn_on_p2x`` always use the dense map.
+        sparse_max_coverage: sparse mode falls back to dense when the windows, with their
+            receptive-field halo, would cover more than this fraction of the map.
         **kwargs: torchvision ``FasterRCNN`` arguments (min_size, max_size, box_*, rpn_*...).
     """
 
@@ -64,9 +72,22 @@ class EFPNFasterRCNN(FasterRCNN):
         ohem: bool = False,
         ohem_batch_size_per_image: int = 128,
         ohem_positive_fraction: float = 0.25,
+        representation_size: int = 1024,
+        p2x_mode: str = "sparse",
+        sparse_max_coverage: float = 0.5,
         **kwargs: Any,
     ) -> None:
+        if p2x_mode not in ("sparse", "dense"):
+            raise ValueError(f"p2x_mode must be 'sparse' or 'dense', got {p2x_mode!r}")
         extended = backbone.extension is not None
+        if representation_size != 1024 and "box_head" not in kwargs:
+            # torchvision builds the 1024-wide TwoMLPHead only when it is given no head.
+            resolution = 7
+            kwargs["box_head"] = TwoMLPHead(
+                backbone.out_channels * resolution**2, representation_size
+            )
+            kwargs["box_predictor"] = FastRCNNPredictor(representation_size, num_classes)
+            num_classes = None
         self.rpn_on_p2x = rpn_on_p2x and extended
         if "rpn_anchor_generator" not in kwargs:
             sizes = ((p2x_anchor_size,),) if self.rpn_on_p2x else ()
@@ -75,6 +96,10 @@ class EFPNFasterRCNN(FasterRCNN):
                 sizes, (tuple(aspect_ratios),) * len(sizes)
             )
         super().__init__(backbone, num_classes, **kwargs)
+        self.p2x_mode = p2x_mode
+        self.sparse_max_coverage = sparse_max_coverage
+        #: fraction of the stride-2 map computed in the last sparse forward, per image
+        self.last_p2x_coverage: list[float] = []
         rh = self.roi_heads
         small_head = (
             EFPNRoIHeads.make_small_head(rh.box_head, rh.box_predictor)
@@ -125,14 +150,39 @@ class EFPNFasterRCNN(FasterRCNN):
                     raise ValueError(
                         f"target {i} has a box with non-positive width or height: {box}"
                     )
-        features = self.backbone(images.tensors)
-        proposals, proposal_losses = self.rpn(images, self.rpn_features(features), targets)
+        if self.training or self.p2x_mode == "dense" or self.rpn_on_p2x or not self.extended:
+            features = self.backbone(images.tensors)
+            proposals, proposal_losses = self.rpn(images, self.rpn_features(features), targets)
+        else:
+            features, proposals, proposal_losses = self._sparse_features(images, targets)
         detections, detector_losses = self.roi_heads(
             features, proposals, images.image_sizes, targets
         )
         if self.training:
             return {**detector_losses, **proposal_losses}
         return self.transform.postprocess(detections, images.image_sizes, original_sizes)
+
+    def _sparse_features(self, images, targets):
+        """The pyramid, the RPN on it, then P'2 only around the small proposals."""
+        pyramid, stem, inners = self.backbone.forward_pyramid(images.tensors)
+        proposals, proposal_losses = self.rpn(images, pyramid, targets)
+        size = tuple(stem.shape[-2:])
+        halo = self.backbone.p2x_halo
+        windows = [
+            plan_windows(
+                p[small_roi_mask(p, self.roi_heads.small_roi_size)],
+                size,
+                halo=halo,
+                max_coverage=self.sparse_max_coverage,
+            )
+            for p in proposals
+        ]
+        self.last_p2x_coverage = [min(window_coverage(w, size, halo), 1.0) for w in windows]
+        features = OrderedDict(
+            [("p2x", self.backbone.forward_p2x_windows(pyramid, stem, inners, windows))]
+        )
+        features.update(pyramid)
+        return features, proposals, proposal_losses
 
 
 def new_module_keys(model: nn.Module) -> set[str]:
@@ -152,6 +202,8 @@ def load_baseline_state_dict(
     Raises:
         ValueError: naming the source when the keys do not match.
     """
+    # A baseline trained with batchnorm carries counters that frozen BN has no use for.
+    state_dict = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     expected = new_module_keys(model)
     if set(missing) != expected or unexpected:
@@ -174,9 +226,11 @@ def efpn_fpn(
     sr_kwargs: dict[str, Any] | None = None,
     ftt_input: str = "output",
     ext_out_width: int | None = None,
+    out_channels: int = 256,
     small_roi_size: float = 56.0,
     weights_backbone: Any = None,
     trainable_backbone_layers: int = 3,
+    norm_layer: str = "frozen",
     **kwargs: Any,
 ) -> EFPNFasterRCNN:
     """Build an EFPN (or, with ``extended=False``, FPN) Faster R-CNN on any backbone of
@@ -191,10 +245,13 @@ def efpn_fpn(
             ``negative_slope``).
         ftt_input: ``"output"`` (paper) or ``"inner"`` (authors' code).
         ext_out_width: hidden width of a cheaper P'2 output conv (``None``: paper).
+        out_channels: pyramid channels (256 in the paper; fewer for CPU-sized models).
         small_roi_size: P'2 routing threshold in pixels.
         weights_backbone: ``None``, a torchvision weights enum (downloaded by torchvision
             only then) or a local ImageNet state-dict file.
         trainable_backbone_layers: 0..5, as torchvision.
+        norm_layer: ``"frozen"`` or ``"batchnorm"`` (baseline only), see
+            :func:`~efpn.models.backbone.resnet_efpn_backbone`.
         **kwargs: :class:`EFPNFasterRCNN` and torchvision ``FasterRCNN`` arguments.
     """
     backbone = resnet_efpn_backbone(
@@ -206,6 +263,8 @@ def efpn_fpn(
         sr_kwargs=sr_kwargs,
         ftt_input=ftt_input,
         ext_out_width=ext_out_width,
+        out_channels=out_channels,
+        norm_layer=norm_layer,
     )
     return EFPNFasterRCNN(backbone, num_classes, small_roi_size=small_roi_size, **kwargs)
 

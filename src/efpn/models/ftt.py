@@ -2,7 +2,11 @@
 
 ``FeatureTextureTransfer`` is the paper's FTT (Sec. III-B, Eq. 3-4). ``ESPCN`` and
 ``NearestUpsample`` are the single-image SR and "w/o FTT" variants of Tables II and III.
-All three map ``(P2, P3)`` to a stride-4 map with the pyramid's channel count.
+All three map ``(P2, P3)`` to a stride-4 map with the pyramid's channel count, in two
+parts: ``content(P3)`` (the stride-8 work, up-sampled to stride 4) and
+``texture(P2, content)`` (the stride-4 work). ``content_radius`` and ``texture_radius``
+are their receptive-field radii in cells of their input, which is what computing the
+extension on windows (:mod:`efpn.models.sparse`) needs to stay exact.
 """
 
 from __future__ import annotations
@@ -18,8 +22,24 @@ __all__ = [
     "ResidualBlock",
     "SubPixelUpsample",
     "build_sr_module",
+    "conv_radius",
     "pixel_shuffle_eq4",
 ]
+
+
+def conv_radius(module: nn.Module) -> int:
+    """Receptive-field radius, in input cells, of a chain of stride-1 convolutions (the
+    sum of their half-kernels; exact for sequential and residual stacks)."""
+    r = 0
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            if m.stride != (1, 1):
+                raise ValueError(f"conv_radius needs stride-1 convolutions, got {m}")
+            r += max(
+                m.dilation[0] * (m.kernel_size[0] - 1) // 2,
+                m.dilation[1] * (m.kernel_size[1] - 1) // 2,
+            )
+    return r
 
 
 def pixel_shuffle_eq4(x: Tensor, r: int = 2) -> Tensor:
@@ -113,10 +133,24 @@ class FeatureTextureTransfer(nn.Module):
         self.texture_extractor = _extractor(2 * channels, width, texture_blocks, negative_slope)
         self.texture_out = nn.Conv2d(width, channels, 3, padding=1)
 
+    @property
+    def content_radius(self) -> int:
+        return conv_radius(self.content_extractor) + conv_radius(self.upsample)
+
+    @property
+    def texture_radius(self) -> int:
+        return conv_radius(self.texture_extractor) + conv_radius(self.texture_out)
+
+    def content(self, p3: Tensor) -> Tensor:
+        """``up2(Ec(P3))``, stride 4."""
+        return self.upsample(self.content_extractor(p3))
+
+    def texture(self, p2: Tensor, content: Tensor) -> Tensor:
+        """``Et(P2 || content) + content``."""
+        return self.texture_out(self.texture_extractor(torch.cat([p2, content], dim=1))) + content
+
     def forward(self, p2: Tensor, p3: Tensor) -> Tensor:
-        content = crop_to(self.upsample(self.content_extractor(p3)), p2.shape[-2:])
-        texture = self.texture_out(self.texture_extractor(torch.cat([p2, content], dim=1)))
-        return texture + content
+        return self.texture(p2, crop_to(self.content(p3), p2.shape[-2:]))
 
 
 class ESPCN(nn.Module):
@@ -132,15 +166,36 @@ class ESPCN(nn.Module):
         )
         self.upsample = SubPixelUpsample(width // 2, channels, 2)
 
+    texture_radius = 0
+
+    @property
+    def content_radius(self) -> int:
+        return conv_radius(self.body) + conv_radius(self.upsample)
+
+    def content(self, p3: Tensor) -> Tensor:
+        return self.upsample(self.body(p3))
+
+    def texture(self, p2: Tensor, content: Tensor) -> Tensor:
+        return content
+
     def forward(self, p2: Tensor, p3: Tensor) -> Tensor:
-        return crop_to(self.upsample(self.body(p3)), p2.shape[-2:])
+        return crop_to(self.content(p3), p2.shape[-2:])
 
 
 class NearestUpsample(nn.Module):
     """No SR: ``P'3 = nearest_up2(P3)`` ("EFPN w/o FTT" in Table III)."""
 
+    content_radius = 0
+    texture_radius = 0
+
+    def content(self, p3: Tensor) -> Tensor:
+        return F.interpolate(p3, scale_factor=2.0, mode="nearest")
+
+    def texture(self, p2: Tensor, content: Tensor) -> Tensor:
+        return content
+
     def forward(self, p2: Tensor, p3: Tensor) -> Tensor:
-        return crop_to(F.interpolate(p3, scale_factor=2.0, mode="nearest"), p2.shape[-2:])
+        return crop_to(self.content(p3), p2.shape[-2:])
 
 
 def build_sr_module(name: str, channels: int, **kwargs) -> nn.Module:

@@ -1,0 +1,103 @@
+"""The val, predict and bench commands, on a tiny trained run."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from efpn.cli import main
+from efpn.engine.train import Trainer, model_from_checkpoint
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    from conftest import write_tiny_config
+    from efpn.config import load_config
+
+    root = tmp_path_factory.mktemp("cli")
+    cfg = load_config(write_tiny_config(root))
+    trainer = Trainer(cfg, root / "run", quiet=True)
+    trainer.run([1, 2, 3])
+    return root / "run", trainer.val_data
+
+
+def test_val_matches_the_runs_evaluation(trained_run, capsys):
+    run, _ = trained_run
+    assert main(["val", "--weights", str(run / "stage3" / "best.pt"), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    saved = json.loads((run / "eval.json").read_text())
+    for key in ("AP", "AP_small", "AR_small", "f1_small"):
+        assert printed[key] == pytest.approx(saved[key], abs=1e-9)
+    assert set(printed["tt100k"]) == {"overall", "small", "medium", "large"}
+    assert main(["val", "--weights", str(run / "stage1" / "best.pt")]) == 0
+    text = capsys.readouterr().out
+    assert "AP_small" in text and "TT100K-style at score >= 0.5" in text
+
+
+def test_predict_any_size_with_compare(trained_run, tmp_path):
+    run, val = trained_run
+    src = tmp_path / "images"
+    src.mkdir()
+    paths = [val.image_path(r) for r in val.images]
+    for p in paths:
+        Image.open(p).save(src / Path(p).name)
+    odd = np.asarray(Image.open(paths[0]).convert("RGB"))[:77, :131]
+    Image.fromarray(odd).save(src / "odd.png")
+    from efpn.data import write_coco
+
+    gt = write_coco(val, tmp_path / "coco")
+    weights = run / "stage3" / "best.pt"
+    code = main(
+        [
+            "predict",
+            "--weights",
+            str(weights),
+            "--source",
+            str(src),
+            "--out",
+            str(tmp_path / "out"),
+            "--batch-size",
+            "2",
+            "--score-thresh",
+            "0.0",
+            "--compare",
+            str(gt),
+        ]
+    )
+    assert code == 0
+    results = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert {Path(p).stem for p in paths} | {"odd"} == {
+        p.stem for p in (tmp_path / "out").glob("*.png")
+    }
+    model, ckpt = model_from_checkpoint(weights)
+    image = torch.from_numpy(odd.copy()).permute(2, 0, 1).float() / 255
+    with torch.no_grad():
+        direct = model([image])[0]
+    mine = [r for r in results if r["file_name"] == "odd.png"]
+    assert len(mine) == direct["boxes"].shape[0]
+    if mine:
+        best = max(mine, key=lambda r: r["score"])
+        assert best["score"] == pytest.approx(direct["scores"].max().item(), abs=1e-6)
+        assert best["category_id"] in ckpt["category_ids"]
+    ids = {r.image_id for r in val.images}
+    assert {r["image_id"] for r in results if r["file_name"] != "odd.png"} <= ids
+
+
+def test_predict_missing_source_is_one_line_error(trained_run, tmp_path, capsys):
+    run, _ = trained_run
+    code = main(
+        [
+            "predict",
+            "--weights",
+            str(run / "stage3" / "best.pt"),
+            "--source",
+            str(tmp_path / "nope.png"),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "nope.png" in err and len(err.splitlines()) == 1

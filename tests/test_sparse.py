@@ -1,0 +1,107 @@
+"""The windowed (sparse) extended level equals the dense one where it is read."""
+
+import pytest
+import torch
+
+from efpn.models import efpn_fpn
+from efpn.models.sparse import plan_windows, roi_cells, window_coverage
+
+
+def _model(sr_module="ftt", **kw):
+    sr_kwargs = {"width": 16} if sr_module != "nearest" else {}
+    torch.manual_seed(0)
+    return efpn_fpn(
+        "resnet18",
+        num_classes=5,
+        out_channels=32,
+        representation_size=64,
+        sr_module=sr_module,
+        sr_kwargs=sr_kwargs,
+        small_roi_size=48,
+        min_size=160,
+        max_size=224,
+        anchor_sizes=(16, 32, 64, 128, 256),
+        **kw,
+    ).eval()
+
+
+@pytest.mark.parametrize("sr_module", ["ftt", "espcn", "nearest"])
+@pytest.mark.parametrize("ftt_input", ["output", "inner"])
+def test_windows_equal_dense_p2x(sr_module, ftt_input):
+    model = _model(sr_module, ftt_input=ftt_input, ext_out_width=8 if sr_module == "ftt" else None)
+    bb = model.backbone
+    x = torch.randn(2, 3, 128, 160)
+    with torch.no_grad():
+        dense = bb(x)["p2x"]
+        pyramid, stem, inners = bb.forward_pyramid(x)
+        # interior, touching every border, one cell wide, and the whole map
+        windows = [[(10, 21, 30, 47), (0, 5, 0, 80)], [(60, 64, 70, 80), (0, 64, 0, 80)]]
+        sparse = bb.forward_p2x_windows(pyramid, stem, inners, windows)
+    for i, ws in enumerate(windows):
+        for y0, y1, x0, x1 in ws:
+            torch.testing.assert_close(
+                sparse[i, :, y0:y1, x0:x1], dense[i, :, y0:y1, x0:x1], rtol=1e-5, atol=1e-5
+            )
+    # outside the windows nothing was computed
+    assert sparse[0, :, 30:, 0:20].abs().sum() == 0
+
+
+def test_roi_cells_cover_what_roi_align_reads():
+    from torchvision.ops import roi_align
+
+    torch.manual_seed(1)
+    h, w = 40, 50
+    feat = torch.randn(1, 3, h, w)
+    boxes = torch.tensor([[3.3, 5.0, 17.9, 12.2], [0.0, 0.0, 6.0, 9.0], [80.0, 60.0, 99.9, 79.9]])
+    cells = roi_cells(boxes, (h, w), margin=0)
+    for box, (y0, y1, x0, x1) in zip(boxes, cells.tolist(), strict=True):
+        masked = torch.zeros_like(feat)
+        masked[..., y0:y1, x0:x1] = feat[..., y0:y1, x0:x1]
+        args = dict(output_size=7, spatial_scale=0.5, sampling_ratio=2, aligned=True)
+        torch.testing.assert_close(
+            roi_align(masked, [box[None]], **args), roi_align(feat, [box[None]], **args)
+        )
+
+
+def test_plan_windows_groups_and_falls_back():
+    size = (200, 200)
+    near = torch.tensor([[20.0, 20.0, 40.0, 40.0], [44.0, 20.0, 60.0, 36.0]])
+    far = torch.tensor([[300.0, 300.0, 320.0, 316.0]])
+    ws = plan_windows(torch.cat([near, far]), size, halo=8)
+    assert len(ws) == 2  # the two near boxes share a window
+    for cells in roi_cells(torch.cat([near, far]), size).tolist():
+        assert any(
+            w[0] <= cells[0] and cells[1] <= w[1] and w[2] <= cells[2] and cells[3] <= w[3]
+            for w in ws
+        )
+    assert window_coverage(ws, size, 8) < 0.2
+    everywhere = torch.tensor(
+        [[x, y, x + 20.0, y + 20.0] for x in range(0, 400, 40) for y in range(0, 400, 40)]
+    )
+    assert plan_windows(everywhere, size, halo=8) == [(0, 200, 0, 200)]
+    assert plan_windows(torch.zeros((0, 4)), size) == []
+
+
+@pytest.mark.parametrize("merge", ["exclusive", "duplicate"])
+def test_sparse_and_dense_detections_match(merge):
+    model = _model(
+        merge=merge, box_score_thresh=0.0, rpn_post_nms_top_n_test=12, box_detections_per_img=50
+    )
+    model.transform.min_size, model.transform.max_size = (384,), 480
+    torch.manual_seed(3)
+    images = [torch.rand(3, 300, 380), torch.rand(3, 340, 260)]
+    for img in images:  # a few small bright "objects"
+        for _ in range(4):
+            y, x = torch.randint(0, img.shape[1] - 12, ()), torch.randint(0, img.shape[2] - 12, ())
+            img[:, y : y + 10, x : x + 12] = torch.rand(3, 1, 1)
+    with torch.no_grad():
+        model.p2x_mode = "dense"
+        dense = model(images)
+        model.p2x_mode = "sparse"
+        sparse = model(images)
+    assert any(c < 0.9 for c in model.last_p2x_coverage), model.last_p2x_coverage
+    for d, s in zip(dense, sparse, strict=True):
+        assert d["boxes"].shape[0] > 0
+        assert torch.equal(d["labels"], s["labels"])
+        torch.testing.assert_close(s["boxes"], d["boxes"], rtol=0, atol=1e-4)
+        torch.testing.assert_close(s["scores"], d["scores"], rtol=0, atol=1e-5)
