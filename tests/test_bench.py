@@ -5,7 +5,15 @@ import json
 import pytest
 import torch
 
-from efpn.bench import NAMES, _cpu_peak_mb, bench_image, build_bench_models, format_table, run_bench
+from efpn.bench import (
+    NAMES,
+    _cpu_peak_mb,
+    bench_image,
+    build_bench_models,
+    flop_breakdown,
+    format_table,
+    run_bench,
+)
 from efpn.cli import main
 
 SMALL = dict(
@@ -39,6 +47,10 @@ def test_five_configs_share_weights_and_scales():
     with torch.no_grad():
         p2 = efpn.backbone.forward_pyramid(x2)[0]["0"]
     assert p2.shape[-1] == batch.tensors.shape[-1] // 2 and up.model is efpn
+    parts = dict(flop_breakdown(efpn, image))
+    total = parts.pop("total")
+    assert parts["SR module (FTT)"] > 0 and parts["P'2 output conv"] > 0
+    assert 0.95 * total <= sum(parts.values()) <= total
 
 
 def test_report_schema_ratios_and_cli_json(capsys):

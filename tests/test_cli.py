@@ -24,6 +24,31 @@ def trained_run(tmp_path_factory):
     return root / "run", trainer.val_data
 
 
+def test_demo_comparison_summary(trained_run, capsys):
+    run, _ = trained_run
+    code = main(
+        [
+            "demo",
+            "--config",
+            str(run.parent / "cfg.yaml"),
+            "--out",
+            str(run),
+            "--eval-only",
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    summary = json.loads((run / "summary.json").read_text())
+    keys = {"AP_small", "AR_small", "AP_medium", "AP_large", "AP", "f1_small", "seconds_per_image"}
+    assert set(summary) == {"fpn_1x", "fpn_2x", "efpn_1x"}
+    assert all(set(v) == keys for v in summary.values())
+    # EFPN's row is the stage-3 model the run itself evaluated into eval.json
+    saved = json.loads((run / "eval.json").read_text())
+    assert summary["efpn_1x"]["AP"] == pytest.approx(saved["AP"], abs=1e-9)
+    assert (run / "fig8_comparison.png").exists() and (run / "summary.md").exists()
+    assert "| EFPN (1x)" in capsys.readouterr().out
+
+
 def test_val_matches_the_runs_evaluation(trained_run, capsys):
     run, _ = trained_run
     assert main(["val", "--weights", str(run / "stage3" / "best.pt"), "--json"]) == 0

@@ -416,19 +416,41 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def flop_breakdown(model: nn.Module, image: Tensor, depth: int = 3) -> list[tuple[str, float]]:
-    """GFLOPs per module (to ``depth`` levels of the module tree) of one forward."""
+BREAKDOWN = (
+    ("backbone.body.layer1", "layer1 (C2 at stride 4 and C'2 at stride 2)"),
+    ("backbone.body", "rest of the ResNet body"),
+    ("backbone.fpn", "FPN"),
+    ("backbone.extension.sr", "SR module (FTT)"),
+    ("backbone.extension.lateral", "C'2 lateral 1x1"),
+    ("backbone.extension.output", "P'2 output conv"),
+    ("rpn", "RPN"),
+    ("roi_heads.small_box_head", "P'2 box head"),
+    ("roi_heads.small_box_predictor", "P'2 box head"),
+    ("roi_heads", "box head"),
+)
+
+
+def flop_breakdown(model: nn.Module, image: Tensor) -> list[tuple[str, float]]:
+    """GFLOPs of one forward by part of the detector (leaf modules summed by prefix;
+    what runs outside any module, such as box decoding, is left out)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False, depth=depth)
+    counter = FlopCounterMode(display=False, depth=None)
     with counter, torch.no_grad():
         model([image])
-    rows = [
-        (name, sum(ops.values()) / 1e9)
-        for name, ops in counter.get_flop_counts().items()
-        if name != "Global" and name.count(".") < depth
-    ]
-    return sorted(rows, key=lambda r: r[0])
+    root = type(model).__name__
+    leaves = {f"{root}.{n}" for n, m in model.named_modules() if n and not list(m.children())}
+    totals = dict.fromkeys((label for _, label in BREAKDOWN), 0.0)  # ordered, labels unique
+    for name, ops in counter.get_flop_counts().items():
+        if name not in leaves:
+            continue
+        path = name[len(root) + 1 :]
+        for prefix, label in BREAKDOWN:
+            if path == prefix or path.startswith(prefix + "."):
+                totals[label] += sum(ops.values()) / 1e9
+                break
+    totals["total"] = counter.get_total_flops() / 1e9
+    return list(totals.items())
 
 
 if __name__ == "__main__":

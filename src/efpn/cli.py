@@ -369,6 +369,9 @@ def _add_demo(sub) -> None:
     )
     p.add_argument("--config", default=None, help="recipe (default: the packaged demo recipe)")
     p.add_argument("--out", default="runs/demo")
+    p.add_argument(
+        "--eval-only", action="store_true", help="compare the checkpoints already in --out"
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_demo)
 
@@ -376,7 +379,7 @@ def _add_demo(sub) -> None:
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.config, args.out, quiet=args.quiet)
+    run_demo(args.config, args.out, quiet=args.quiet, eval_only=args.eval_only)
     return 0
 
 
@@ -468,7 +471,7 @@ def _cmd_bench(args) -> int:
         if args.breakdown:
             print("\nEFPN GFLOPs per module:")
             for name, g in flop_breakdown(efpn, image):
-                print(f"  {name:<45}{g:>9.2f}")
+                print(f"  {name:<45}{g:>9.1f}")
         if args.profile:
             from torch.profiler import ProfilerActivity, profile
 
@@ -503,13 +506,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        from .data.records import DataError
+    except (ValueError, FileNotFoundError) as e:
+        # Bad input (data, recipe, options): one line. EFPN_DEBUG=1 shows the traceback.
+        import os
 
-        if isinstance(e, DataError) or isinstance(e, FileNotFoundError):
-            print(f"efpn: error: {e}", file=sys.stderr)
-            return 2
-        raise
+        if os.environ.get("EFPN_DEBUG"):
+            raise
+        print(f"efpn: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

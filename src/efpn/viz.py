@@ -145,15 +145,22 @@ def draw_comparison(
     preds: dict[str, dict],
     gt: dict,
     path: str | Path,
-    score_thresh: float = 0.5,
+    score_thresh: float | dict[str, float] = 0.5,
 ) -> Path:
-    """Side-by-side Fig. 8-style panels, one per model."""
-    panels = [draw_detections(image, p, gt=gt, score_thresh=score_thresh) for p in preds.values()]
+    """Side-by-side Fig. 8-style panels, one per model; ``score_thresh`` may give each
+    model its own threshold (by name), which is then printed above its panel."""
+    thresholds = (
+        score_thresh if isinstance(score_thresh, dict) else dict.fromkeys(preds, score_thresh)
+    )
+    panels = [
+        draw_detections(image, p, gt=gt, score_thresh=thresholds[name]) for name, p in preds.items()
+    ]
     w, h = panels[0].size
     canvas = Image.new("RGB", (w * len(panels), h + 16), (255, 255, 255))
     d = ImageDraw.Draw(canvas)
     for i, (name, panel) in enumerate(zip(preds, panels)):
         canvas.paste(panel, (i * w, 16))
-        d.text((i * w + 4, 2), name, fill=(0, 0, 0))
+        label = f"{name} (score >= {thresholds[name]:.2f})"
+        d.text((i * w + 4, 2), label, fill=(0, 0, 0))
     canvas.save(path)
     return Path(path)

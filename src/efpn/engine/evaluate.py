@@ -111,7 +111,8 @@ def evaluate_model(
     """COCO AP/AR per size and TT100K-style accuracy/recall/F1 per size.
 
     Returns a dict with the COCO keys, ``per_class``, ``tt100k`` (per bin at
-    ``score_thresh``), ``f1_small`` (best over the threshold sweep),
+    ``score_thresh``), ``f1_small`` (best over the threshold sweep) and the score
+    threshold that reaches it (``f1_small_threshold``),
     ``seconds_per_image`` and, with ``curves``, ``curves`` per bin. Only rank 0 gets
     the metrics; other ranks get ``{}``.
     """
@@ -126,7 +127,9 @@ def evaluate_model(
     classes = data.eval_classes
     metrics["tt100k"] = evaluate_tt100k_bins(gt_tt, res_tt, min_score=score_thresh, classes=classes)
     metrics["tt100k_score_thresh"] = score_thresh
-    metrics["f1_small"] = best_f1(gt_tt, res_tt, TT100K_BINS["small"], classes)["f1"]
+    best_small = best_f1(gt_tt, res_tt, TT100K_BINS["small"], classes)
+    metrics["f1_small"] = best_small["f1"]
+    metrics["f1_small_threshold"] = best_small["threshold"]
     metrics["seconds_per_image"] = spi
     if curves:
         metrics["curves"] = {

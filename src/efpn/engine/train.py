@@ -349,7 +349,11 @@ class Trainer:
             model.roi_heads.ohem_batch_size_per_image = scfg.ohem_batch_size_per_image
         trainable = _freeze_for_stage(model, stage, cfg, scfg)
         if self.distributed and cfg.model.sync_bn:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            if self.device.type == "cpu":  # torch's SyncBatchNorm runs on accelerators only
+                if dist_utils.is_main():
+                    log.warning("sync_bn: SyncBatchNorm needs a GPU; keeping per-process BN on CPU")
+            else:
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model.to(self.device)
         loss_module = StageLoss(model, stage, cfg)
         wrapped = loss_module
