@@ -408,6 +408,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--breakdown", action="store_true", help="GFLOPs per module of EFPN")
     p.add_argument("--profile", action="store_true", help="torch.profiler's top ops of EFPN")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--save-json", default=None, help="also write the JSON report to this file")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_bench)
 
@@ -451,6 +452,10 @@ def _cmd_bench(args) -> int:
         weights=args.weights,
         **model_kwargs,
     )
+    if args.save_json:
+        from pathlib import Path
+
+        Path(args.save_json).write_text(json.dumps(report, indent=1))
     if args.json:
         print(json.dumps(report))
     else:

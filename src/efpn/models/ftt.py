@@ -20,6 +20,7 @@ __all__ = [
     "FeatureTextureTransfer",
     "NearestUpsample",
     "ResidualBlock",
+    "SRModule",
     "SubPixelUpsample",
     "build_sr_module",
     "conv_radius",
@@ -106,7 +107,27 @@ def crop_to(x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
     return x[..., : size[0], : size[1]]
 
 
-class FeatureTextureTransfer(nn.Module):
+class SRModule(nn.Module):
+    """Base of the modules that make P'3: ``texture(P2, crop(content(P3)))``.
+
+    Subclasses define :meth:`content` and, when they read P2, :meth:`texture` with the
+    receptive-field radii of both parts.
+    """
+
+    content_radius = 0
+    texture_radius = 0
+
+    def content(self, p3: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def texture(self, p2: Tensor, content: Tensor) -> Tensor:
+        return content
+
+    def forward(self, p2: Tensor, p3: Tensor) -> Tensor:
+        return self.texture(p2, crop_to(self.content(p3), p2.shape[-2:]))
+
+
+class FeatureTextureTransfer(SRModule):
     """FTT, Eq. (3): ``P'3 = Et(P2 || up2(Ec(P3))) + up2(Ec(P3))``.
 
     Args:
@@ -149,11 +170,8 @@ class FeatureTextureTransfer(nn.Module):
         """``Et(P2 || content) + content``."""
         return self.texture_out(self.texture_extractor(torch.cat([p2, content], dim=1))) + content
 
-    def forward(self, p2: Tensor, p3: Tensor) -> Tensor:
-        return self.texture(p2, crop_to(self.content(p3), p2.shape[-2:]))
 
-
-class ESPCN(nn.Module):
+class ESPCN(SRModule):
     """Three-layer single-image SR on P3 alone (Shi et al. 2016), the SISR row of Table II."""
 
     def __init__(self, channels: int = 256, width: int = 64) -> None:
@@ -166,8 +184,6 @@ class ESPCN(nn.Module):
         )
         self.upsample = SubPixelUpsample(width // 2, channels, 2)
 
-    texture_radius = 0
-
     @property
     def content_radius(self) -> int:
         return conv_radius(self.body) + conv_radius(self.upsample)
@@ -175,27 +191,12 @@ class ESPCN(nn.Module):
     def content(self, p3: Tensor) -> Tensor:
         return self.upsample(self.body(p3))
 
-    def texture(self, p2: Tensor, content: Tensor) -> Tensor:
-        return content
 
-    def forward(self, p2: Tensor, p3: Tensor) -> Tensor:
-        return crop_to(self.content(p3), p2.shape[-2:])
-
-
-class NearestUpsample(nn.Module):
+class NearestUpsample(SRModule):
     """No SR: ``P'3 = nearest_up2(P3)`` ("EFPN w/o FTT" in Table III)."""
-
-    content_radius = 0
-    texture_radius = 0
 
     def content(self, p3: Tensor) -> Tensor:
         return F.interpolate(p3, scale_factor=2.0, mode="nearest")
-
-    def texture(self, p2: Tensor, content: Tensor) -> Tensor:
-        return content
-
-    def forward(self, p2: Tensor, p3: Tensor) -> Tensor:
-        return crop_to(self.content(p3), p2.shape[-2:])
 
 
 def build_sr_module(name: str, channels: int, **kwargs) -> nn.Module:
