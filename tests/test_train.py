@@ -51,7 +51,8 @@ def test_stage2_leaves_frozen_parts_unchanged(tmp_path, tiny_cfg):
     trainer = Trainer(tiny_cfg(), tmp_path / "run", quiet=True)
     trainer.run_stage(1)
     before = load_checkpoint(tmp_path / "run" / "stage1" / "best.pt")["model"]
-    trainer.run_stage(2)
+    # --resume on a stage that has not started yet must still start from stage 1's best.
+    trainer.run_stage(2, resume=True)
     after = load_checkpoint(tmp_path / "run" / "stage2" / "last.pt")["model"]
     changed_new = False
     for k, v in after.items():

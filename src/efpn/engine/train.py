@@ -342,7 +342,10 @@ class Trainer:
         init = init or scfg.init
         if stage > 1 and init is None:
             init = self.stage_dir(stage - 1) / "best.pt"
-        if init is not None and not resume:
+        sdir = self.stage_dir(stage)
+        resuming = resume and (sdir / "last.pt").exists()
+        # --resume on a stage that never wrote last.pt starts it fresh from its init.
+        if init is not None and not resuming:
             self._initialise(model, stage, Path(init))
         if stage == 3:
             model.roi_heads.ohem = scfg.ohem
@@ -370,9 +373,8 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_lambda(o, total))
         use_amp = o.amp and self.device.type == "cuda"
         scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-        sdir = self.stage_dir(stage)
         start_epoch, step, best = 0, 0, -float("inf")
-        if resume and (sdir / "last.pt").exists():
+        if resuming:
             ckpt = load_checkpoint(sdir / "last.pt")
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
