@@ -60,6 +60,29 @@ def test_val_matches_the_runs_evaluation(trained_run, capsys):
     assert main(["val", "--weights", str(run / "stage1" / "best.pt")]) == 0
     text = capsys.readouterr().out
     assert "AP_small" in text and "TT100K-style at score >= 0.5" in text
+    assert "P'2 computed" not in text  # the baseline has no P'2
+
+
+def test_val_p2x_mode_and_proposals(trained_run, capsys):
+    run, _ = trained_run
+    weights = str(run / "stage3" / "best.pt")
+    runs = {}
+    for name, extra in {
+        "sparse": ["--p2x-mode", "sparse"],
+        "dense": ["--p2x-mode", "dense"],
+        "few": ["--proposals", "2"],
+    }.items():
+        assert main(["val", "--weights", weights, "--json", *extra]) == 0
+        runs[name] = json.loads(capsys.readouterr().out)
+    assert runs["dense"]["p2x_coverage"] == 1.0
+    assert 0.0 <= runs["sparse"]["p2x_coverage"] <= 1.0
+    for key in ("AP", "AP_small", "AR_small", "f1_small"):  # sparse P'2 = dense P'2
+        assert runs["sparse"][key] == pytest.approx(runs["dense"][key], abs=1e-9)
+    assert runs["few"]["AR_100"] <= runs["sparse"]["AR_100"]
+    model, _ = model_from_checkpoint(weights, rpn_post_nms_top_n_test=2)
+    assert model.rpn.post_nms_top_n() == 2
+    with pytest.raises(ValueError, match="unknown model setting"):
+        model_from_checkpoint(weights, no_such_setting=1)
 
 
 def test_predict_any_size_with_compare(trained_run, tmp_path):
@@ -126,3 +149,22 @@ def test_predict_missing_source_is_one_line_error(trained_run, tmp_path, capsys)
     )
     err = capsys.readouterr().err.strip()
     assert code == 2 and "nope.png" in err and len(err.splitlines()) == 1
+
+
+def test_demo_table_prints_na_for_sizes_without_objects():
+    from efpn.demo import ROWS, format_table
+
+    row = {
+        "AP_small": 0.4,
+        "AR_small": 0.5,
+        "AP_medium": 0.3,
+        "AP_large": -1.0,
+        "AP": 0.25,
+        "f1_small": 0.8,
+        "seconds_per_image": 1.0,
+    }
+    lines = format_table({key: row for key, _ in ROWS}).splitlines()
+    assert len(lines) == 2 + len(ROWS)
+    cells = [c.strip() for c in lines[2].split("|")[1:-1]]
+    assert cells[1:] == ["0.400", "0.500", "0.300", "n/a", "0.250", "0.800", "1.000"]
+    assert len({len(line) for line in lines}) == 1  # columns stay aligned

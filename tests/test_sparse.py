@@ -46,6 +46,26 @@ def test_windows_equal_dense_p2x(sr_module, ftt_input):
     assert sparse[0, :, 30:, 0:20].abs().sum() == 0
 
 
+def test_banded_p2x_equals_dense():
+    model = _model("ftt")
+    bb = model.backbone
+    x = torch.randn(2, 3, 128, 160)
+    with torch.no_grad():
+        dense = bb(x)["p2x"]
+        pyramid, stem, inners = bb.forward_pyramid(x)
+        full = [[(0, 64, 0, 80)], [(0, 64, 0, 80)]]
+        for rows in (7, 32, 64):  # odd bands, two bands, one band (the dense shortcut)
+            banded = bb.forward_p2x_windows(pyramid, stem, inners, full, band_rows=rows)
+            torch.testing.assert_close(banded, dense, rtol=1e-5, atol=1e-5)
+        part = bb.forward_p2x_windows(pyramid, stem, inners, [[(5, 40, 3, 30)], []], band_rows=6)
+    torch.testing.assert_close(
+        part[0, :, 5:40, 3:30], dense[0, :, 5:40, 3:30], rtol=1e-5, atol=1e-5
+    )
+    assert part[0, :, 40:].abs().sum() == 0 and part[1].abs().sum() == 0
+    with pytest.raises(ValueError, match="band_rows"):
+        bb.forward_p2x_windows(pyramid, stem, inners, full, band_rows=0)
+
+
 def test_roi_cells_cover_what_roi_align_reads():
     from torchvision.ops import roi_align
 

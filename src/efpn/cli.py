@@ -299,6 +299,12 @@ def _add_val(sub) -> None:
     p.add_argument(
         "--scale", type=float, default=1.0, help="test at this input scale (2 = the paper's FPN-2x)"
     )
+    p.add_argument(
+        "--proposals", type=int, default=None, help="RPN proposals kept per image (default: recipe)"
+    )
+    p.add_argument(
+        "--p2x-mode", default=None, choices=["sparse", "dense"], help="how P'2 is computed"
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_val)
 
@@ -311,7 +317,14 @@ def _cmd_val(args) -> int:
     from .engine.train import load_data, model_from_checkpoint
     from .metrics import metric_keys
 
-    model, ckpt = model_from_checkpoint(args.weights)
+    overrides = {}
+    if args.proposals is not None:
+        if args.proposals < 1:
+            raise ValueError("--proposals must be at least 1")
+        overrides["rpn_post_nms_top_n_test"] = args.proposals
+    if args.p2x_mode is not None:
+        overrides["p2x_mode"] = args.p2x_mode
+    model, ckpt = model_from_checkpoint(args.weights, **overrides)
     cfg = load_config(args.data) if args.data else config_from_dict(ckpt["config"])
     _, val = load_data(cfg, None)
     m = evaluate_model(model, val, scale=args.scale, score_thresh=args.score_thresh)
@@ -330,6 +343,8 @@ def _cmd_val(args) -> int:
     print(
         f"best F1_small over thresholds: {m['f1_small']:.4f}; {m['seconds_per_image']:.3f} s/image"
     )
+    if m["p2x_coverage"] is not None:
+        print(f"P'2 computed on {m['p2x_coverage']:.1%} of the stride-2 map (mean per image)")
     return 0
 
 
@@ -398,6 +413,12 @@ def _add_bench(sub) -> None:
     p.add_argument("--ext-out-width", type=int, default=None, help="hidden width of P'2's conv")
     p.add_argument("--p2x-mode", default="sparse", choices=["sparse", "dense"])
     p.add_argument("--max-coverage", type=float, default=0.5, help="sparse: dense fallback above")
+    p.add_argument(
+        "--band-rows",
+        type=int,
+        default=32,
+        help="sparse: compute P'2 in bands of this many stride-2 rows (0: one pass)",
+    )
     p.add_argument("--proposals", type=int, default=1000, help="RPN proposals kept at test time")
     p.add_argument(
         "--weights",
@@ -439,6 +460,7 @@ def _cmd_bench(args) -> int:
     model_kwargs.update(
         p2x_mode=args.p2x_mode,
         sparse_max_coverage=args.max_coverage,
+        p2x_band_rows=args.band_rows or None,
         rpn_post_nms_top_n_test=args.proposals,
     )
     report = run_bench(

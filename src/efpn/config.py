@@ -69,7 +69,9 @@ class ModelConfig:
     sync_bn: bool = False
     p2x_mode: str = "sparse"
     sparse_max_coverage: float = 0.5
+    p2x_band_rows: int | None = 32
     weights_backbone: str | None = None
+    rpn_post_nms_top_n_test: int = 1000
     box_score_thresh: float = 0.05
     box_detections_per_img: int = 100
     rpn_batch_size_per_image: int = 256

@@ -35,11 +35,11 @@ def default_config() -> Path:
 def format_table(summary: dict) -> str:
     head = f"| {'model':<30} | AP_S  | AR_S  | AP_M  | AP_L  | AP    | F1_S  | s/img |"
     lines = [head, "|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|"]
+    keys = ("AP_small", "AR_small", "AP_medium", "AP_large", "AP", "f1_small", "seconds_per_image")
     for key, label in ROWS:
-        m = summary[key]
-        lines.append(
-            f"| {label:<30} | {m['AP_small']:.3f} | {m['AR_small']:.3f} | {m['AP_medium']:.3f} | {m['AP_large']:.3f} | {m['AP']:.3f} | {m['f1_small']:.3f} | {m['seconds_per_image']:.3f} |"
-        )
+        # COCO reports -1 for a size with no ground truth: print n/a, not a score.
+        cells = [f"{v:.3f}" if (v := summary[key][k]) >= 0 else "n/a" for k in keys]
+        lines.append(f"| {label:<30} | " + " | ".join(f"{c:<5}" for c in cells) + " |")
     return "\n".join(lines)
 
 

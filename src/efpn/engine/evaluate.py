@@ -34,8 +34,9 @@ def predict_dataset(
     batch_size: int = 2,
     scale: float = 1.0,
     quiet: bool = False,
-) -> tuple[list[dict], float]:
-    """COCO results of ``model`` on ``data`` and seconds per image.
+) -> tuple[list[dict], float, list[float]]:
+    """COCO results of ``model`` on ``data``, seconds per image, and for each image the
+    fraction of the stride-2 map the extension computed (empty for a model without P'2).
 
     ``scale`` multiplies the detector's test size (the paper's FPN-2x test); boxes are
     mapped back to the original pixels. Under torchrun each rank predicts its share and
@@ -61,7 +62,7 @@ def _predict(model, data, device, batch_size, quiet):
     loader = DataLoader(
         torch.utils.data.Subset(ds, indices), batch_size=batch_size, collate_fn=collate
     )
-    results, seconds = [], 0.0
+    results, seconds, coverage = [], 0.0, []
     for images, targets in tqdm(
         loader, desc="eval", leave=False, disable=quiet or not dist_utils.is_main()
     ):
@@ -73,12 +74,14 @@ def _predict(model, data, device, batch_size, quiet):
         if torch.device(device).type == "cuda":
             torch.cuda.synchronize()
         seconds += time.perf_counter() - start
+        if getattr(model, "extended", False):
+            coverage += list(model.last_p2x_coverage)
         results += to_coco_results([t["image_id"] for t in targets], outputs, data.category_ids)
-    gathered = dist_utils.gather_objects((results, seconds, len(indices)))
+    gathered = dist_utils.gather_objects((results, seconds, len(indices), coverage))
     results = [r for part in gathered for r in part[0]]
     total_time = sum(p[1] for p in gathered)
     count = sum(p[2] for p in gathered)
-    return results, total_time / max(count, 1)
+    return results, total_time / max(count, 1), [c for part in gathered for c in part[3]]
 
 
 def best_f1(gt_tt: dict, res_tt: dict, size_range, classes=None, steps: int = 50) -> dict:
@@ -113,10 +116,11 @@ def evaluate_model(
     Returns a dict with the COCO keys, ``per_class``, ``tt100k`` (per bin at
     ``score_thresh``), ``f1_small`` (best over the threshold sweep) and the score
     threshold that reaches it (``f1_small_threshold``),
-    ``seconds_per_image`` and, with ``curves``, ``curves`` per bin. Only rank 0 gets
-    the metrics; other ranks get ``{}``.
+    ``seconds_per_image``, ``p2x_coverage`` (mean fraction of the stride-2 map that
+    the extension computed; ``None`` without P'2) and, with ``curves``, ``curves`` per
+    bin. Only rank 0 gets the metrics; other ranks get ``{}``.
     """
-    results, spi = predict_dataset(
+    results, spi, coverage = predict_dataset(
         model, data, device=device, batch_size=batch_size, scale=scale, quiet=quiet
     )
     if not dist_utils.is_main():
@@ -131,6 +135,7 @@ def evaluate_model(
     metrics["f1_small"] = best_small["f1"]
     metrics["f1_small_threshold"] = best_small["threshold"]
     metrics["seconds_per_image"] = spi
+    metrics["p2x_coverage"] = float(np.mean(coverage)) if coverage else None
     if curves:
         metrics["curves"] = {
             name: accuracy_recall_curve(gt_tt, res_tt, size_range=rng, steps=50, classes=classes)

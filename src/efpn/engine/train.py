@@ -122,8 +122,10 @@ def model_kwargs(cfg: Config, extended: bool = True) -> dict:
         norm_layer="frozen" if extended else m.norm_layer,
         p2x_mode=m.p2x_mode,
         sparse_max_coverage=m.sparse_max_coverage,
+        p2x_band_rows=m.p2x_band_rows,
         min_size=m.min_size,
         max_size=m.max_size,
+        rpn_post_nms_top_n_test=m.rpn_post_nms_top_n_test,
         box_score_thresh=m.box_score_thresh,
         box_detections_per_img=m.box_detections_per_img,
         rpn_batch_size_per_image=m.rpn_batch_size_per_image,
@@ -140,12 +142,22 @@ def build_model(cfg: Config, num_classes: int, extended: bool) -> nn.Module:
     )
 
 
-def model_from_checkpoint(path: str | Path, device="cpu") -> tuple[nn.Module, dict]:
-    """Rebuild a model from a checkpoint alone (it carries config and class names)."""
+def model_from_checkpoint(
+    path: str | Path, device="cpu", **model_overrides
+) -> tuple[nn.Module, dict]:
+    """Rebuild a model from a checkpoint alone (it carries config and class names).
+
+    ``model_overrides`` replace fields of the recipe's model section that do not change
+    the weights, e.g. ``p2x_mode`` or ``rpn_post_nms_top_n_test``.
+    """
     ckpt = load_checkpoint(path)
     from ..config import config_from_dict
 
     cfg = config_from_dict(ckpt["config"], f"{path}: config")
+    for key, value in model_overrides.items():
+        if not hasattr(cfg.model, key):
+            raise ValueError(f"{path}: unknown model setting {key!r}")
+        setattr(cfg.model, key, value)
     model = build_model(cfg, len(ckpt["classes"]) + 1, ckpt["extended"])
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -127,37 +128,63 @@ class ExtendedLevel(nn.Module):
             stem, p2, p3: ``(1, C, H, W)`` maps at strides 2, 4 and 8.
             window: rows ``y0:y1`` and columns ``x0:x1`` of the stride-2 grid.
         """
+        return torch.cat(
+            [band for _, band in self.window_bands(layer1, stem, p2, p3, window)], dim=-2
+        )
+
+    def window_bands(
+        self,
+        layer1: nn.Module,
+        stem: Tensor,
+        p2: Tensor,
+        p3: Tensor,
+        window: tuple[int, int, int, int],
+        band_rows: int | None = None,
+    ) -> Iterator[tuple[int, Tensor]]:
+        """:meth:`forward_window` as horizontal bands of at most ``band_rows`` rows:
+        yields ``(first_row, band)``.
+
+        The SR module (at strides 4 and 8) runs once for the whole window; only the
+        stride-2 part (C'2, the lateral, the sum, the output conv), whose maps are the
+        large ones, runs band by band, so a band recomputes just the few rows that
+        ``layer1`` and the output conv read around it.
+        """
         ro, r1 = conv_radius(self.output), conv_radius(layer1)
         rt, rc = self.sr.texture_radius, self.sr.content_radius
-        (y0, y1, x0, x1), spans = window, []
-        for lo, hi, n2, n4, n8 in (
-            (y0, y1, *_sizes(stem, p2, p3, -2)),
-            (x0, x1, *_sizes(stem, p2, p3, -1)),
-        ):
+        (y0, y1, x0, x1), (ny, nx) = window, (_sizes(stem, p2, p3, d) for d in (-2, -1))
+
+        def spans(lo, hi, n2, n4, n8):
             s = (max(lo - ro, 0), min(hi + ro, n2))  # the sum map the 3x3 output conv reads
             q = (s[0] // 2, (s[1] - 1) // 2 + 1)  # P'3 cells up-sampled into it
             k = (max(q[0] - rt, 0), min(q[1] + rt, n4))  # P2 and content for the texture part
             m = (max(k[0] // 2 - rc, 0), min((k[1] - 1) // 2 + 1 + rc, n8))  # P3 for content
             r = (max(s[0] - r1, 0), min(s[1] + r1, n2))  # stem for C'2
-            spans.append((lo, hi, s, q, k, m, r))
-        (ly, hy, sy, qy, ky, my, ry), (lx, hx, sx, qx, kx, mx, rx) = spans
+            return s, q, k, m, r
 
+        _, qy, ky, my, _ = spans(y0, y1, *ny)
+        sx, qx, kx, mx, rx = spans(x0, x1, *nx)
         content = self.sr.content(p3[..., my[0] : my[1], mx[0] : mx[1]])
         content = content[
             ..., ky[0] - 2 * my[0] : ky[1] - 2 * my[0], kx[0] - 2 * mx[0] : kx[1] - 2 * mx[0]
         ]
         p3x = self.sr.texture(p2[..., ky[0] : ky[1], kx[0] : kx[1]], content)
         p3x = p3x[..., qy[0] - ky[0] : qy[1] - ky[0], qx[0] - kx[0] : qx[1] - kx[0]]
-        top_down = F.interpolate(p3x, scale_factor=2.0, mode="nearest")
-        top_down = top_down[
-            ..., sy[0] - 2 * qy[0] : sy[1] - 2 * qy[0], sx[0] - 2 * qx[0] : sx[1] - 2 * qx[0]
-        ]
-        c2x = layer1(stem[..., ry[0] : ry[1], rx[0] : rx[1]])
-        lateral = self.lateral(
-            c2x[..., sy[0] - ry[0] : sy[1] - ry[0], sx[0] - rx[0] : sx[1] - rx[0]]
-        )
-        out = self.output(lateral + top_down)
-        return out[..., ly - sy[0] : hy - sy[0], lx - sx[0] : hx - sx[0]]
+        step = band_rows or (y1 - y0)
+        for b0 in range(y0, y1, step):
+            b1 = min(b0 + step, y1)
+            sy, qb, _, _, ry = spans(b0, b1, *ny)
+            top_down = F.interpolate(
+                p3x[..., qb[0] - qy[0] : qb[1] - qy[0], :], scale_factor=2.0, mode="nearest"
+            )
+            top_down = top_down[
+                ..., sy[0] - 2 * qb[0] : sy[1] - 2 * qb[0], sx[0] - 2 * qx[0] : sx[1] - 2 * qx[0]
+            ]
+            c2x = layer1(stem[..., ry[0] : ry[1], rx[0] : rx[1]])
+            lateral = self.lateral(
+                c2x[..., sy[0] - ry[0] : sy[1] - ry[0], sx[0] - rx[0] : sx[1] - rx[0]]
+            )
+            out = self.output(lateral + top_down)
+            yield b0, out[..., b0 - sy[0] : b1 - sy[0], x0 - sx[0] : x1 - sx[0]]
 
 
 def _sizes(stem: Tensor, p2: Tensor, p3: Tensor, dim: int) -> tuple[int, int, int]:
@@ -273,26 +300,39 @@ class EFPNBackbone(nn.Module):
         stem: Tensor,
         inners: list[Tensor],
         windows: list[list[tuple[int, int, int, int]]],
+        band_rows: int | None = None,
     ) -> Tensor:
         """P'2 computed only on ``windows`` (per image, in stride-2 cells), zero elsewhere.
 
         Inside the windows the values equal the dense :meth:`forward`'s P'2; a window that
         spans the whole map is the dense computation.
+
+        Args:
+            band_rows: when set, windows taller than this are computed as horizontal
+                bands of at most ``band_rows`` rows. The values are the same; the peak
+                memory holds the output and one band's intermediate maps instead of all
+                of the full-size intermediates (C'2, lateral, FTT output, their sum), at
+                the cost of recomputing each band's receptive-field margin.
         """
         p2, p3 = self.extension_inputs(pyramid, inners)
         n, _, h, w = stem.shape
-        if all(ws == [(0, h, 0, w)] for ws in windows):  # the dense fallback, without a copy
+        if band_rows is not None and band_rows < 1:
+            raise ValueError(f"band_rows must be positive, got {band_rows}")
+        dense = all(ws == [(0, h, 0, w)] for ws in windows)
+        if dense and (band_rows is None or band_rows >= h):  # one dense pass, no copy
             return self.extension(self.body.layer1(stem), p2, p3)[0]
         canvas = p2.new_zeros((n, self.out_channels, h, w))
         for i, image_windows in enumerate(windows):
             for y0, y1, x0, x1 in image_windows:
-                canvas[i, :, y0:y1, x0:x1] = self.extension.forward_window(
+                for b0, band in self.extension.window_bands(
                     self.body.layer1,
                     stem[i : i + 1],
                     p2[i : i + 1],
                     p3[i : i + 1],
                     (y0, y1, x0, x1),
-                )[0]
+                    band_rows,
+                ):
+                    canvas[i, :, b0 : b0 + band.shape[-2], x0:x1] = band[0]
         return canvas
 
 

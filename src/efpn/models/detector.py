@@ -55,6 +55,9 @@ class EFPNFasterRCNN(FasterRCNN):
             map. Training and ``rpn_on_p2x`` always use the dense map.
         sparse_max_coverage: sparse mode falls back to dense when the windows, with their
             receptive-field halo, would cover more than this fraction of the map.
+        p2x_band_rows: sparse mode computes windows taller than this many stride-2 rows
+            (the dense fallback included) band by band: same values, a lower memory
+            peak. ``None`` computes each window in one pass.
         **kwargs: torchvision ``FasterRCNN`` arguments (min_size, max_size, box_*, rpn_*...).
     """
 
@@ -75,6 +78,7 @@ class EFPNFasterRCNN(FasterRCNN):
         representation_size: int = 1024,
         p2x_mode: str = "sparse",
         sparse_max_coverage: float = 0.5,
+        p2x_band_rows: int | None = 32,
         **kwargs: Any,
     ) -> None:
         if p2x_mode not in ("sparse", "dense"):
@@ -98,6 +102,7 @@ class EFPNFasterRCNN(FasterRCNN):
         super().__init__(backbone, num_classes, **kwargs)
         self.p2x_mode = p2x_mode
         self.sparse_max_coverage = sparse_max_coverage
+        self.p2x_band_rows = p2x_band_rows
         #: fraction of the stride-2 map computed in the last sparse forward, per image
         self.last_p2x_coverage: list[float] = []
         rh = self.roi_heads
@@ -153,6 +158,7 @@ class EFPNFasterRCNN(FasterRCNN):
         if self.training or self.p2x_mode == "dense" or self.rpn_on_p2x or not self.extended:
             features = self.backbone(images.tensors)
             proposals, proposal_losses = self.rpn(images, self.rpn_features(features), targets)
+            self.last_p2x_coverage = [1.0] * len(images.image_sizes) if self.extended else []
         else:
             features, proposals, proposal_losses = self._sparse_features(images, targets)
         detections, detector_losses = self.roi_heads(
@@ -179,7 +185,14 @@ class EFPNFasterRCNN(FasterRCNN):
         ]
         self.last_p2x_coverage = [min(window_coverage(w, size, halo), 1.0) for w in windows]
         features = OrderedDict(
-            [("p2x", self.backbone.forward_p2x_windows(pyramid, stem, inners, windows))]
+            [
+                (
+                    "p2x",
+                    self.backbone.forward_p2x_windows(
+                        pyramid, stem, inners, windows, band_rows=self.p2x_band_rows
+                    ),
+                )
+            ]
         )
         features.update(pyramid)
         return features, proposals, proposal_losses
