@@ -70,14 +70,17 @@ def test_val_p2x_mode_and_proposals(trained_run, capsys):
     for name, extra in {
         "sparse": ["--p2x-mode", "sparse"],
         "dense": ["--p2x-mode", "dense"],
+        "bands": ["--band-rows", "3"],
         "few": ["--proposals", "2"],
     }.items():
         assert main(["val", "--weights", weights, "--json", *extra]) == 0
         runs[name] = json.loads(capsys.readouterr().out)
     assert runs["dense"]["p2x_coverage"] == 1.0
     assert 0.0 <= runs["sparse"]["p2x_coverage"] <= 1.0
-    for key in ("AP", "AP_small", "AR_small", "f1_small"):  # sparse P'2 = dense P'2
+    for key in ("AP", "AP_small", "AR_small", "f1_small"):  # sparse (banded) P'2 = dense P'2
         assert runs["sparse"][key] == pytest.approx(runs["dense"][key], abs=1e-9)
+        assert runs["bands"][key] == pytest.approx(runs["dense"][key], abs=1e-9)
+    assert model_from_checkpoint(weights, p2x_band_rows=3)[0].p2x_band_rows == 3
     assert runs["few"]["AR_100"] <= runs["sparse"]["AR_100"]
     model, _ = model_from_checkpoint(weights, rpn_post_nms_top_n_test=2)
     assert model.rpn.post_nms_top_n() == 2

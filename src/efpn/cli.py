@@ -305,6 +305,12 @@ def _add_val(sub) -> None:
     p.add_argument(
         "--p2x-mode", default=None, choices=["sparse", "dense"], help="how P'2 is computed"
     )
+    p.add_argument(
+        "--band-rows",
+        type=int,
+        default=None,
+        help="sparse: P'2 in bands of this many stride-2 rows, 0 for one pass (default: recipe)",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_val)
 
@@ -324,6 +330,10 @@ def _cmd_val(args) -> int:
         overrides["rpn_post_nms_top_n_test"] = args.proposals
     if args.p2x_mode is not None:
         overrides["p2x_mode"] = args.p2x_mode
+    if args.band_rows is not None:
+        if args.band_rows < 0:
+            raise ValueError("--band-rows must be 0 (one pass) or more")
+        overrides["p2x_band_rows"] = args.band_rows or None
     model, ckpt = model_from_checkpoint(args.weights, **overrides)
     cfg = load_config(args.data) if args.data else config_from_dict(ckpt["config"])
     _, val = load_data(cfg, None)
