@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from efpn.models import efpn_fpn
-from efpn.models.sparse import plan_windows, roi_cells, window_coverage
+from efpn.models.sparse import plan_windows, read_pieces, roi_cells, window_coverage
 
 
 def _model(sr_module="ftt", **kw):
@@ -64,6 +64,48 @@ def test_banded_p2x_equals_dense():
     assert part[0, :, 40:].abs().sum() == 0 and part[1].abs().sum() == 0
     with pytest.raises(ValueError, match="band_rows"):
         bb.forward_p2x_windows(pyramid, stem, inners, full, band_rows=0)
+
+
+def test_p2x_computed_only_where_read():
+    model = _model("ftt")
+    bb = model.backbone
+    x = torch.randn(2, 3, 128, 160)
+    # cells read: interior, on the top-left corner, on the bottom border, two spans in a row
+    reads = [
+        torch.tensor([[10, 14, 20, 26], [0, 3, 0, 4], [60, 64, 50, 80], [12, 15, 60, 66]]),
+        torch.zeros((0, 4), dtype=torch.int64),
+    ]
+    full = [[(0, 64, 0, 80)], [(0, 64, 0, 80)]]
+    with torch.no_grad():
+        dense = bb(x)["p2x"]
+        pyramid, stem, inners = bb.forward_pyramid(x)
+        for rows in (None, 5):
+            out = bb.forward_p2x_windows(pyramid, stem, inners, full, band_rows=rows, reads=reads)
+            read = torch.zeros(64, 80, dtype=torch.bool)
+            for y0, y1, x0, x1 in reads[0].tolist():
+                read[y0:y1, x0:x1] = True
+                torch.testing.assert_close(
+                    out[0, :, y0:y1, x0:x1], dense[0, :, y0:y1, x0:x1], rtol=1e-5, atol=1e-5
+                )
+            computed = out[0].abs().sum(0) != 0
+            assert read.float().mean() <= bb.last_computed[0] < 0.6
+            assert bb.last_computed[1] == 0.0
+            assert computed.float().mean() <= bb.last_computed[0] + 1e-9
+            assert not computed[:, 5:19].any() and out[1].abs().sum() == 0  # a column gap
+            if rows:  # bands with no cell read are skipped
+                assert not computed[15:60].any()
+
+
+def test_read_pieces_trim_rows_and_merge_close_columns():
+    reads = torch.tensor([[5, 9, 10, 14], [7, 12, 16, 20], [6, 8, 40, 44], [30, 31, 0, 80]])
+    assert read_pieces(reads, (0, 20, 0, 60), gap=0) == [
+        ((5, 12), (10, 14)),
+        ((5, 12), (16, 20)),
+        ((5, 12), (40, 44)),
+    ]
+    assert read_pieces(reads, (0, 20, 0, 60), gap=2) == [((5, 12), (10, 20)), ((5, 12), (40, 44))]
+    assert read_pieces(reads, (8, 10, 12, 42), gap=0) == [((8, 10), (12, 14)), ((8, 10), (16, 20))]
+    assert read_pieces(reads, (13, 29, 0, 80)) == []
 
 
 def test_roi_cells_cover_what_roi_align_reads():

@@ -17,6 +17,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .ftt import build_sr_module, conv_radius, crop_to
+from .sparse import read_pieces
 
 __all__ = [
     "BACKBONES",
@@ -129,10 +130,10 @@ class ExtendedLevel(nn.Module):
             window: rows ``y0:y1`` and columns ``x0:x1`` of the stride-2 grid.
         """
         return torch.cat(
-            [band for _, band in self.window_bands(layer1, stem, p2, p3, window)], dim=-2
+            [tile for _, _, tile in self.window_tiles(layer1, stem, p2, p3, window)], dim=-2
         )
 
-    def window_bands(
+    def window_tiles(
         self,
         layer1: nn.Module,
         stem: Tensor,
@@ -140,14 +141,22 @@ class ExtendedLevel(nn.Module):
         p3: Tensor,
         window: tuple[int, int, int, int],
         band_rows: int | None = None,
-    ) -> Iterator[tuple[int, Tensor]]:
-        """:meth:`forward_window` as horizontal bands of at most ``band_rows`` rows:
-        yields ``(first_row, band)``.
+        reads: Tensor | None = None,
+    ) -> Iterator[tuple[int, int, Tensor]]:
+        """:meth:`forward_window` in pieces: yields ``(row, col, tile)``.
 
         The SR module (at strides 4 and 8) runs once for the whole window; only the
         stride-2 part (C'2, the lateral, the sum, the output conv), whose maps are the
-        large ones, runs band by band, so a band recomputes just the few rows that
-        ``layer1`` and the output conv read around it.
+        large ones, runs piece by piece: horizontal bands of at most ``band_rows`` rows,
+        and, when ``reads`` is given, in each band only the rows and column spans that
+        those cells need. A piece recomputes just the few cells that ``layer1`` and the
+        output conv read around it.
+
+        Args:
+            band_rows: rows per band (``None``: the whole window).
+            reads: ``(K, 4)`` cells ``y0, y1, x0, x1`` (end exclusive) that will be read,
+                e.g. :func:`~efpn.models.sparse.roi_cells` of the RoIs; cells of the
+                window outside them are not computed.
         """
         ro, r1 = conv_radius(self.output), conv_radius(layer1)
         rt, rc = self.sr.texture_radius, self.sr.content_radius
@@ -162,7 +171,7 @@ class ExtendedLevel(nn.Module):
             return s, q, k, m, r
 
         _, qy, ky, my, _ = spans(y0, y1, *ny)
-        sx, qx, kx, mx, rx = spans(x0, x1, *nx)
+        _, qx, kx, mx, _ = spans(x0, x1, *nx)
         content = self.sr.content(p3[..., my[0] : my[1], mx[0] : mx[1]])
         content = content[
             ..., ky[0] - 2 * my[0] : ky[1] - 2 * my[0], kx[0] - 2 * mx[0] : kx[1] - 2 * mx[0]
@@ -172,19 +181,29 @@ class ExtendedLevel(nn.Module):
         step = band_rows or (y1 - y0)
         for b0 in range(y0, y1, step):
             b1 = min(b0 + step, y1)
-            sy, qb, _, _, ry = spans(b0, b1, *ny)
-            top_down = F.interpolate(
-                p3x[..., qb[0] - qy[0] : qb[1] - qy[0], :], scale_factor=2.0, mode="nearest"
-            )
-            top_down = top_down[
-                ..., sy[0] - 2 * qb[0] : sy[1] - 2 * qb[0], sx[0] - 2 * qx[0] : sx[1] - 2 * qx[0]
-            ]
-            c2x = layer1(stem[..., ry[0] : ry[1], rx[0] : rx[1]])
-            lateral = self.lateral(
-                c2x[..., sy[0] - ry[0] : sy[1] - ry[0], sx[0] - rx[0] : sx[1] - rx[0]]
-            )
-            out = self.output(lateral + top_down)
-            yield b0, out[..., b0 - sy[0] : b1 - sy[0], x0 - sx[0] : x1 - sx[0]]
+            if reads is None:
+                pieces = [((b0, b1), (x0, x1))]
+            else:  # column spans closer than the recomputed margins are merged
+                pieces = read_pieces(reads, (b0, b1, x0, x1), gap=2 * (ro + r1))
+            for (t0, t1), (c0, c1) in pieces:
+                sy, qb, _, _, ry = spans(t0, t1, *ny)
+                sx, qc, _, _, rx = spans(c0, c1, *nx)
+                top_down = F.interpolate(
+                    p3x[..., qb[0] - qy[0] : qb[1] - qy[0], qc[0] - qx[0] : qc[1] - qx[0]],
+                    scale_factor=2.0,
+                    mode="nearest",
+                )
+                top_down = top_down[
+                    ...,
+                    sy[0] - 2 * qb[0] : sy[1] - 2 * qb[0],
+                    sx[0] - 2 * qc[0] : sx[1] - 2 * qc[0],
+                ]
+                c2x = layer1(stem[..., ry[0] : ry[1], rx[0] : rx[1]])
+                lateral = self.lateral(
+                    c2x[..., sy[0] - ry[0] : sy[1] - ry[0], sx[0] - rx[0] : sx[1] - rx[0]]
+                )
+                out = self.output(lateral + top_down)
+                yield t0, c0, out[..., t0 - sy[0] : t1 - sy[0], c0 - sx[0] : c1 - sx[0]]
 
 
 def _sizes(stem: Tensor, p2: Tensor, p3: Tensor, dim: int) -> tuple[int, int, int]:
@@ -301,11 +320,13 @@ class EFPNBackbone(nn.Module):
         inners: list[Tensor],
         windows: list[list[tuple[int, int, int, int]]],
         band_rows: int | None = None,
+        reads: list[Tensor] | None = None,
     ) -> Tensor:
         """P'2 computed only on ``windows`` (per image, in stride-2 cells), zero elsewhere.
 
         Inside the windows the values equal the dense :meth:`forward`'s P'2; a window that
-        spans the whole map is the dense computation.
+        spans the whole map is the dense computation. ``last_computed`` then holds, per
+        image, the fraction of the stride-2 map whose P'2 was computed.
 
         Args:
             band_rows: when set, windows taller than this are computed as horizontal
@@ -313,26 +334,37 @@ class EFPNBackbone(nn.Module):
                 memory holds the output and one band's intermediate maps instead of all
                 of the full-size intermediates (C'2, lateral, FTT output, their sum), at
                 the cost of recomputing each band's receptive-field margin.
+            reads: per image, ``(K, 4)`` cells that will be read (see
+                :meth:`ExtendedLevel.window_tiles`): the SR module still runs on the
+                windows, the stride-2 part only where these cells need it, and P'2 equals
+                the dense one on these cells only.
         """
         p2, p3 = self.extension_inputs(pyramid, inners)
         n, _, h, w = stem.shape
         if band_rows is not None and band_rows < 1:
             raise ValueError(f"band_rows must be positive, got {band_rows}")
         dense = all(ws == [(0, h, 0, w)] for ws in windows)
-        if dense and (band_rows is None or band_rows >= h):  # one dense pass, no copy
+        if dense and (band_rows is None or band_rows >= h) and reads is None:
+            self.last_computed = [1.0] * n  # one dense pass, no copy
             return self.extension(self.body.layer1(stem), p2, p3)[0]
         canvas = p2.new_zeros((n, self.out_channels, h, w))
+        self.last_computed = []
         for i, image_windows in enumerate(windows):
-            for y0, y1, x0, x1 in image_windows:
-                for b0, band in self.extension.window_bands(
+            cells = 0
+            for window in image_windows:
+                for r, c, tile in self.extension.window_tiles(
                     self.body.layer1,
                     stem[i : i + 1],
                     p2[i : i + 1],
                     p3[i : i + 1],
-                    (y0, y1, x0, x1),
+                    window,
                     band_rows,
+                    None if reads is None else reads[i],
                 ):
-                    canvas[i, :, b0 : b0 + band.shape[-2], x0:x1] = band[0]
+                    th, tw = tile.shape[-2:]
+                    canvas[i, :, r : r + th, c : c + tw] = tile[0]
+                    cells += th * tw
+            self.last_computed.append(cells / float(h * w))
         return canvas
 
 

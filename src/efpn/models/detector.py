@@ -13,7 +13,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 
 from .backbone import EFPNBackbone, resnet_efpn_backbone
 from .heads import EFPNRoIHeads, small_roi_mask
-from .sparse import plan_windows, window_coverage
+from .sparse import plan_windows, roi_cells
 
 __all__ = [
     "EFPNFasterRCNN",
@@ -174,26 +174,20 @@ class EFPNFasterRCNN(FasterRCNN):
         proposals, proposal_losses = self.rpn(images, pyramid, targets)
         size = tuple(stem.shape[-2:])
         halo = self.backbone.p2x_halo
+        small = [p[small_roi_mask(p, self.roi_heads.small_roi_size)] for p in proposals]
         windows = [
-            plan_windows(
-                p[small_roi_mask(p, self.roi_heads.small_roi_size)],
-                size,
-                halo=halo,
-                max_coverage=self.sparse_max_coverage,
-            )
-            for p in proposals
+            plan_windows(b, size, halo=halo, max_coverage=self.sparse_max_coverage) for b in small
         ]
-        self.last_p2x_coverage = [min(window_coverage(w, size, halo), 1.0) for w in windows]
-        features = OrderedDict(
-            [
-                (
-                    "p2x",
-                    self.backbone.forward_p2x_windows(
-                        pyramid, stem, inners, windows, band_rows=self.p2x_band_rows
-                    ),
-                )
-            ]
+        p2x = self.backbone.forward_p2x_windows(
+            pyramid,
+            stem,
+            inners,
+            windows,
+            band_rows=self.p2x_band_rows,
+            reads=[roi_cells(b, size) for b in small],
         )
+        self.last_p2x_coverage = list(self.backbone.last_computed)
+        features = OrderedDict([("p2x", p2x)])
         features.update(pyramid)
         return features, proposals, proposal_losses
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["plan_windows", "roi_cells", "window_coverage"]
+__all__ = ["plan_windows", "read_pieces", "roi_cells", "window_coverage"]
 
 Window = tuple[int, int, int, int]
 
@@ -162,3 +162,37 @@ def plan_windows(
     if window_coverage(windows, size, halo) > max_coverage:
         return full
     return windows
+
+
+def read_pieces(
+    reads: Tensor, region: Window, gap: int = 0
+) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """The part of ``region`` that the cells ``reads`` cover, as rectangles to compute.
+
+    One row span (from the first to the last row read) and the column spans read in it,
+    merged where less than ``gap`` columns apart (a separate piece would recompute about
+    that many margin columns).
+
+    Args:
+        reads: ``(K, 4)`` cells ``y0, y1, x0, x1``, end exclusive (see :func:`roi_cells`).
+        region: ``(y0, y1, x0, x1)``, e.g. one band of a window.
+        gap: merge column spans closer than this.
+
+    Returns:
+        ``((row0, row1), (col0, col1))`` pieces, end exclusive; empty when nothing in the
+        region is read.
+    """
+    y0, y1, x0, x1 = region
+    hit = (reads[:, 0] < y1) & (reads[:, 1] > y0) & (reads[:, 2] < x1) & (reads[:, 3] > x0)
+    sel = reads[hit]
+    if sel.numel() == 0:
+        return []
+    rows = (max(y0, int(sel[:, 0].min())), min(y1, int(sel[:, 1].max())))
+    spans: list[list[int]] = []
+    for a, b in sorted(sel[:, 2:].tolist()):
+        a, b = max(a, x0), min(b, x1)
+        if spans and a <= spans[-1][1] + gap:
+            spans[-1][1] = max(spans[-1][1], b)
+        else:
+            spans.append([a, b])
+    return [(rows, (a, b)) for a, b in spans]
