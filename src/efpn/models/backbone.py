@@ -107,32 +107,6 @@ class ExtendedLevel(nn.Module):
         top_down = crop_to(F.interpolate(p3x, scale_factor=2.0, mode="nearest"), lateral.shape[-2:])
         return self.output(lateral + top_down), p3x
 
-    def forward_window(
-        self,
-        layer1: nn.Module,
-        stem: Tensor,
-        p2: Tensor,
-        p3: Tensor,
-        window: tuple[int, int, int, int],
-    ) -> Tensor:
-        """P'2 on one window ``(y0, y1, x0, x1)`` of its grid, equal to the same window of
-        the dense P'2.
-
-        Each level is cropped with the receptive-field radius of what reads it, so the
-        values that reach the window never see a crop edge; at the map's own border the
-        crop stops there and zero padding acts exactly as in the dense pass. Needs the
-        stem, P2 and P3 sizes in the exact 2:1 ratios that a batch padded to a multiple of
-        32 has.
-
-        Args:
-            layer1: the backbone's ``layer1`` (C'2 = layer1(stem)).
-            stem, p2, p3: ``(1, C, H, W)`` maps at strides 2, 4 and 8.
-            window: rows ``y0:y1`` and columns ``x0:x1`` of the stride-2 grid.
-        """
-        return torch.cat(
-            [tile for _, _, tile in self.window_tiles(layer1, stem, p2, p3, window)], dim=-2
-        )
-
     def window_tiles(
         self,
         layer1: nn.Module,
@@ -143,7 +117,14 @@ class ExtendedLevel(nn.Module):
         band_rows: int | None = None,
         reads: Tensor | None = None,
     ) -> Iterator[tuple[int, int, Tensor]]:
-        """:meth:`forward_window` in pieces: yields ``(row, col, tile)``.
+        """P'2 on one window ``(y0, y1, x0, x1)`` of its grid, in pieces: yields
+        ``(row, col, tile)``, each tile equal to the same cells of the dense P'2.
+
+        Each level is cropped with the receptive-field radius of what reads it, so the
+        values that reach a tile never see a crop edge; at the map's own border the crop
+        stops there and zero padding acts exactly as in the dense pass. Needs the stem,
+        P2 and P3 sizes in the exact 2:1 ratios that a batch padded to a multiple of 32
+        has.
 
         The SR module (at strides 4 and 8) runs once for the whole window; only the
         stride-2 part (C'2, the lateral, the sum, the output conv), whose maps are the
@@ -153,6 +134,9 @@ class ExtendedLevel(nn.Module):
         output conv read around it.
 
         Args:
+            layer1: the backbone's ``layer1`` (C'2 = layer1(stem)).
+            stem, p2, p3: ``(1, C, H, W)`` maps at strides 2, 4 and 8.
+            window: rows ``y0:y1`` and columns ``x0:x1`` of the stride-2 grid.
             band_rows: rows per band (``None``: the whole window).
             reads: ``(K, 4)`` cells ``y0, y1, x0, x1`` (end exclusive) that will be read,
                 e.g. :func:`~efpn.models.sparse.roi_cells` of the RoIs; cells of the
