@@ -96,6 +96,45 @@ def test_p2x_computed_only_where_read():
                 assert not computed[15:60].any()
 
 
+@pytest.mark.parametrize("sr_per_piece", [True, False])
+def test_sr_per_piece_or_per_window_equal_dense(sr_per_piece):
+    model = _model("ftt")
+    ext = model.backbone.extension
+    x = torch.randn(1, 3, 128, 160)
+    reads = torch.tensor([[10, 14, 20, 26], [0, 3, 0, 4], [60, 64, 50, 80], [12, 15, 60, 66]])
+    with torch.no_grad():
+        dense = model.backbone(x)["p2x"]
+        pyramid, stem, inners = model.backbone.forward_pyramid(x)
+        out = torch.zeros_like(dense)
+        tiles = ext.window_tiles(
+            model.backbone.body.layer1,
+            stem,
+            pyramid["0"],
+            pyramid["1"],
+            (0, 64, 0, 80),
+            band_rows=6,
+            reads=reads,
+            sr_per_piece=sr_per_piece,
+        )
+        for r, c, tile in tiles:
+            out[..., r : r + tile.shape[-2], c : c + tile.shape[-1]] = tile
+    for y0, y1, x0, x1 in reads.tolist():
+        torch.testing.assert_close(
+            out[..., y0:y1, x0:x1], dense[..., y0:y1, x0:x1], rtol=1e-5, atol=1e-5
+        )
+    # the costs that choose between the two are the multiply-adds per input cell
+    from torch.utils.flop_counter import FlopCounterMode
+
+    content, texture = ext.sr.cell_costs()
+    p3, p2 = torch.randn(1, 32, 4, 5), torch.randn(1, 32, 8, 10)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        c = ext.sr.content(p3)
+    assert fc.get_total_flops() == 2 * content * 4 * 5
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        ext.sr.texture(p2, c)
+    assert fc.get_total_flops() == 2 * texture * 8 * 10
+
+
 def test_read_pieces_trim_rows_and_merge_close_columns():
     reads = torch.tensor([[5, 9, 10, 14], [7, 12, 16, 20], [6, 8, 40, 44], [30, 31, 0, 80]])
     assert read_pieces(reads, (0, 20, 0, 60), gap=0) == [

@@ -116,6 +116,7 @@ class ExtendedLevel(nn.Module):
         window: tuple[int, int, int, int],
         band_rows: int | None = None,
         reads: Tensor | None = None,
+        sr_per_piece: bool | None = None,
     ) -> Iterator[tuple[int, int, Tensor]]:
         """P'2 on one window ``(y0, y1, x0, x1)`` of its grid, in pieces: yields
         ``(row, col, tile)``, each tile equal to the same cells of the dense P'2.
@@ -126,12 +127,13 @@ class ExtendedLevel(nn.Module):
         P2 and P3 sizes in the exact 2:1 ratios that a batch padded to a multiple of 32
         has.
 
-        The SR module (at strides 4 and 8) runs once for the whole window; only the
-        stride-2 part (C'2, the lateral, the sum, the output conv), whose maps are the
-        large ones, runs piece by piece: horizontal bands of at most ``band_rows`` rows,
-        and, when ``reads`` is given, in each band only the rows and column spans that
-        those cells need. A piece recomputes just the few cells that ``layer1`` and the
-        output conv read around it.
+        The stride-2 part (C'2, the lateral, the sum, the output conv), whose maps are
+        the large ones, runs piece by piece: horizontal bands of at most ``band_rows``
+        rows, and, when ``reads`` is given, in each band only the rows and column spans
+        that those cells need. A piece recomputes just the few cells that ``layer1`` and
+        the output conv read around it. The SR module (at strides 4 and 8) runs once for
+        the whole window, or once per piece when the pieces are sparse enough that
+        recomputing its wider halo costs less.
 
         Args:
             layer1: the backbone's ``layer1`` (C'2 = layer1(stem)).
@@ -141,6 +143,9 @@ class ExtendedLevel(nn.Module):
             reads: ``(K, 4)`` cells ``y0, y1, x0, x1`` (end exclusive) that will be read,
                 e.g. :func:`~efpn.models.sparse.roi_cells` of the RoIs; cells of the
                 window outside them are not computed.
+            sr_per_piece: compute the SR module for each piece (with its own halo)
+                instead of once for the window; ``None`` picks the one with fewer
+                multiply-adds.
         """
         ro, r1 = conv_radius(self.output), conv_radius(layer1)
         rt, rc = self.sr.texture_radius, self.sr.content_radius
@@ -154,40 +159,53 @@ class ExtendedLevel(nn.Module):
             r = (max(s[0] - r1, 0), min(s[1] + r1, n2))  # stem for C'2
             return s, q, k, m, r
 
-        _, qy, ky, my, _ = spans(y0, y1, *ny)
-        _, qx, kx, mx, _ = spans(x0, x1, *nx)
-        content = self.sr.content(p3[..., my[0] : my[1], mx[0] : mx[1]])
-        content = content[
-            ..., ky[0] - 2 * my[0] : ky[1] - 2 * my[0], kx[0] - 2 * mx[0] : kx[1] - 2 * mx[0]
-        ]
-        p3x = self.sr.texture(p2[..., ky[0] : ky[1], kx[0] : kx[1]], content)
-        p3x = p3x[..., qy[0] - ky[0] : qy[1] - ky[0], qx[0] - kx[0] : qx[1] - kx[0]]
+        def sr_on(ys, xs):  # P'3 on the cells a stride-2 span reads, with their spans
+            _, qy, ky, my, _ = spans(*ys, *ny)
+            _, qx, kx, mx, _ = spans(*xs, *nx)
+            content = self.sr.content(p3[..., my[0] : my[1], mx[0] : mx[1]])
+            content = content[
+                ..., ky[0] - 2 * my[0] : ky[1] - 2 * my[0], kx[0] - 2 * mx[0] : kx[1] - 2 * mx[0]
+            ]
+            p3x = self.sr.texture(p2[..., ky[0] : ky[1], kx[0] : kx[1]], content)
+            return p3x[..., qy[0] - ky[0] : qy[1] - ky[0], qx[0] - kx[0] : qx[1] - kx[0]], qy, qx
+
+        def sr_cost(ys, xs):
+            (_, _, ky, my, _), (_, _, kx, mx, _) = spans(*ys, *ny), spans(*xs, *nx)
+            content, texture = self.sr.cell_costs()
+            return content * (my[1] - my[0]) * (mx[1] - mx[0]) + texture * (ky[1] - ky[0]) * (
+                kx[1] - kx[0]
+            )
+
         step = band_rows or (y1 - y0)
+        pieces = []
         for b0 in range(y0, y1, step):
             b1 = min(b0 + step, y1)
             if reads is None:
-                pieces = [((b0, b1), (x0, x1))]
+                pieces.append(((b0, b1), (x0, x1)))
             else:  # column spans closer than the recomputed margins are merged
-                pieces = read_pieces(reads, (b0, b1, x0, x1), gap=2 * (ro + r1))
-            for (t0, t1), (c0, c1) in pieces:
-                sy, qb, _, _, ry = spans(t0, t1, *ny)
-                sx, qc, _, _, rx = spans(c0, c1, *nx)
-                top_down = F.interpolate(
-                    p3x[..., qb[0] - qy[0] : qb[1] - qy[0], qc[0] - qx[0] : qc[1] - qx[0]],
-                    scale_factor=2.0,
-                    mode="nearest",
-                )
-                top_down = top_down[
-                    ...,
-                    sy[0] - 2 * qb[0] : sy[1] - 2 * qb[0],
-                    sx[0] - 2 * qc[0] : sx[1] - 2 * qc[0],
-                ]
-                c2x = layer1(stem[..., ry[0] : ry[1], rx[0] : rx[1]])
-                lateral = self.lateral(
-                    c2x[..., sy[0] - ry[0] : sy[1] - ry[0], sx[0] - rx[0] : sx[1] - rx[0]]
-                )
-                out = self.output(lateral + top_down)
-                yield t0, c0, out[..., t0 - sy[0] : t1 - sy[0], c0 - sx[0] : c1 - sx[0]]
+                pieces += read_pieces(reads, (b0, b1, x0, x1), gap=2 * (ro + r1))
+        if sr_per_piece is None:  # per piece recomputes the SR halo, once per window the rest
+            sr_per_piece = sum(sr_cost(*p) for p in pieces) < sr_cost((y0, y1), (x0, x1))
+        if not sr_per_piece and pieces:
+            shared = sr_on((y0, y1), (x0, x1))
+        for (t0, t1), (c0, c1) in pieces:
+            p3x, qy, qx = sr_on((t0, t1), (c0, c1)) if sr_per_piece else shared
+            sy, qb, _, _, ry = spans(t0, t1, *ny)
+            sx, qc, _, _, rx = spans(c0, c1, *nx)
+            top_down = F.interpolate(
+                p3x[..., qb[0] - qy[0] : qb[1] - qy[0], qc[0] - qx[0] : qc[1] - qx[0]],
+                scale_factor=2.0,
+                mode="nearest",
+            )
+            top_down = top_down[
+                ..., sy[0] - 2 * qb[0] : sy[1] - 2 * qb[0], sx[0] - 2 * qc[0] : sx[1] - 2 * qc[0]
+            ]
+            c2x = layer1(stem[..., ry[0] : ry[1], rx[0] : rx[1]])
+            lateral = self.lateral(
+                c2x[..., sy[0] - ry[0] : sy[1] - ry[0], sx[0] - rx[0] : sx[1] - rx[0]]
+            )
+            out = self.output(lateral + top_down)
+            yield t0, c0, out[..., t0 - sy[0] : t1 - sy[0], c0 - sx[0] : c1 - sx[0]]
 
 
 def _sizes(stem: Tensor, p2: Tensor, p3: Tensor, dim: int) -> tuple[int, int, int]:

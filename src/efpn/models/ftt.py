@@ -107,6 +107,10 @@ def crop_to(x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
     return x[..., : size[0], : size[1]]
 
 
+def _weights(module: nn.Module) -> int:
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Conv2d))
+
+
 class SRModule(nn.Module):
     """Base of the modules that make P'3: ``texture(P2, crop(content(P3)))``.
 
@@ -122,6 +126,11 @@ class SRModule(nn.Module):
 
     def texture(self, p2: Tensor, content: Tensor) -> Tensor:
         return content
+
+    def cell_costs(self) -> tuple[int, int]:
+        """Multiply-adds per input cell of :meth:`content` (stride 8) and of
+        :meth:`texture` (stride 4), for weighing where to compute them."""
+        return _weights(self), 0
 
     def forward(self, p2: Tensor, p3: Tensor) -> Tensor:
         return self.texture(p2, crop_to(self.content(p3), p2.shape[-2:]))
@@ -161,6 +170,12 @@ class FeatureTextureTransfer(SRModule):
     @property
     def texture_radius(self) -> int:
         return conv_radius(self.texture_extractor) + conv_radius(self.texture_out)
+
+    def cell_costs(self) -> tuple[int, int]:
+        return (
+            _weights(self.content_extractor) + _weights(self.upsample),
+            _weights(self.texture_extractor) + _weights(self.texture_out),
+        )
 
     def content(self, p3: Tensor) -> Tensor:
         """``up2(Ec(P3))``, stride 4."""
