@@ -195,14 +195,27 @@ def test_sparse_and_dense_detections_match(merge):
         for _ in range(4):
             y, x = torch.randint(0, img.shape[1] - 12, ()), torch.randint(0, img.shape[2] - 12, ())
             img[:, y : y + 10, x : x + 12] = torch.rand(3, 1, 1)
+    out = {}
     with torch.no_grad():
-        model.p2x_mode = "dense"
-        dense = model(images)
-        model.p2x_mode = "sparse"
-        sparse = model(images)
-    assert any(c < 0.9 for c in model.last_p2x_coverage), model.last_p2x_coverage
-    for d, s in zip(dense, sparse, strict=True):
-        assert d["boxes"].shape[0] > 0
-        assert torch.equal(d["labels"], s["labels"])
-        torch.testing.assert_close(s["boxes"], d["boxes"], rtol=0, atol=1e-4)
-        torch.testing.assert_close(s["scores"], d["scores"], rtol=0, atol=1e-5)
+        for mode in ("dense", "banded", "sparse"):
+            model.p2x_mode, model.p2x_band_rows = mode, 16
+            out[mode] = model(images)
+            coverage = model.last_p2x_coverage
+    assert any(c < 0.9 for c in coverage), coverage  # sparse computed less than the map
+    for mode in ("banded", "sparse"):
+        for d, s in zip(out["dense"], out[mode], strict=True):
+            assert d["boxes"].shape[0] > 0
+            assert torch.equal(d["labels"], s["labels"])
+            torch.testing.assert_close(s["boxes"], d["boxes"], rtol=0, atol=1e-4)
+            torch.testing.assert_close(s["scores"], d["scores"], rtol=0, atol=1e-5)
+
+
+def test_p2x_mode_auto_is_sparse_on_cpu_banded_elsewhere():
+    model = _model()
+    assert model.p2x_mode == "auto" and model.p2x_band_rows is None
+    assert model.p2x_plan(torch.device("cpu")) == ("sparse", 32)
+    assert model.p2x_plan(torch.device("cuda")) == ("banded", 128)
+    model.p2x_band_rows = 0
+    assert model.p2x_plan(torch.device("cpu")) == ("sparse", None)  # one pass
+    with pytest.raises(ValueError, match="p2x_mode"):
+        _model(p2x_mode="fast")

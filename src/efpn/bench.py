@@ -302,7 +302,7 @@ def bench_models(
         q1, _, q3 = statistics.quantiles(t, n=4, method="inclusive") if len(t) > 1 else t * 3
         out[name].update(seconds=statistics.median(times[name]), seconds_q1=q1, seconds_q3=q3)
         target = getattr(model, "last_p2x_coverage", None)
-        if target and getattr(model, "p2x_mode", "dense") == "sparse":
+        if target:
             out[name]["p2x_coverage"] = float(np.mean(target))
     return out
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from . import __version__
+from .config import P2X_MODES
 
 
 def _add_summary(sub) -> None:
@@ -303,13 +304,13 @@ def _add_val(sub) -> None:
         "--proposals", type=int, default=None, help="RPN proposals kept per image (default: recipe)"
     )
     p.add_argument(
-        "--p2x-mode", default=None, choices=["sparse", "dense"], help="how P'2 is computed"
+        "--p2x-mode", default=None, choices=P2X_MODES, help="how P'2 is computed (default: recipe)"
     )
     p.add_argument(
         "--band-rows",
         type=int,
         default=None,
-        help="sparse: P'2 in bands of this many stride-2 rows, 0 for one pass (default: recipe)",
+        help="P'2 in bands of this many stride-2 rows, 0 for one pass (default: recipe)",
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_val)
@@ -333,7 +334,7 @@ def _cmd_val(args) -> int:
     if args.band_rows is not None:
         if args.band_rows < 0:
             raise ValueError("--band-rows must be 0 (one pass) or more")
-        overrides["p2x_band_rows"] = args.band_rows or None
+        overrides["p2x_band_rows"] = args.band_rows
     model, ckpt = model_from_checkpoint(args.weights, **overrides)
     cfg = load_config(args.data) if args.data else config_from_dict(ckpt["config"])
     _, val = load_data(cfg, None)
@@ -421,13 +422,19 @@ def _add_bench(sub) -> None:
     p.add_argument("--small-roi-size", type=float, default=112.0, help="P'2 routing threshold (px)")
     p.add_argument("--sr-width", type=int, default=None, help="FTT inner width (default: 256)")
     p.add_argument("--ext-out-width", type=int, default=None, help="hidden width of P'2's conv")
-    p.add_argument("--p2x-mode", default="sparse", choices=["sparse", "dense"])
-    p.add_argument("--max-coverage", type=float, default=0.5, help="sparse: dense fallback above")
+    p.add_argument(
+        "--p2x-mode",
+        default="auto",
+        choices=P2X_MODES,
+        help="how EFPN computes P'2 (auto: sparse on the CPU, banded on CUDA)",
+    )
+    p.add_argument("--max-coverage", type=float, default=0.5, help="sparse: FTT on the map above")
     p.add_argument(
         "--band-rows",
         type=int,
-        default=32,
-        help="sparse: compute P'2 in bands of this many stride-2 rows (0: one pass)",
+        default=None,
+        help="P'2 in bands of this many stride-2 rows (default: 32 on the CPU, 128 on CUDA; "
+        "0: one pass)",
     )
     p.add_argument("--proposals", type=int, default=1000, help="RPN proposals kept at test time")
     p.add_argument(
@@ -470,7 +477,7 @@ def _cmd_bench(args) -> int:
     model_kwargs.update(
         p2x_mode=args.p2x_mode,
         sparse_max_coverage=args.max_coverage,
-        p2x_band_rows=args.band_rows or None,
+        p2x_band_rows=args.band_rows,
         rpn_post_nms_top_n_test=args.proposals,
     )
     report = run_bench(

@@ -20,6 +20,10 @@ __all__ = [
 ]
 
 
+#: how EFPN computes P'2 at inference (see ``EFPNFasterRCNN``)
+P2X_MODES = ("auto", "sparse", "banded", "dense")
+
+
 @dataclass
 class DataConfig:
     """Where the data is. ``format`` is coco, yolo, voc, tt100k or synth (generated)."""
@@ -67,9 +71,9 @@ class ModelConfig:
     # always freeze BN, with the statistics stage 1 learnt.
     norm_layer: str = "frozen"
     sync_bn: bool = False
-    p2x_mode: str = "sparse"
+    p2x_mode: str = "auto"  # sparse on the CPU, banded elsewhere (same detections)
     sparse_max_coverage: float = 0.5
-    p2x_band_rows: int | None = 32
+    p2x_band_rows: int | None = None  # None: 32 on the CPU, 128 elsewhere; 0: one pass
     weights_backbone: str | None = None
     rpn_post_nms_top_n_test: int = 1000
     box_score_thresh: float = 0.05

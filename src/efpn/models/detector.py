@@ -11,6 +11,7 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 
+from ..config import P2X_MODES
 from .backbone import EFPNBackbone, resnet_efpn_backbone
 from .heads import EFPNRoIHeads, small_roi_mask
 from .sparse import plan_windows, roi_cells
@@ -50,14 +51,18 @@ class EFPNFasterRCNN(FasterRCNN):
         rpn_on_p2x: also run the RPN on P'2, with ``p2x_anchor_size`` anchors.
         ohem, ohem_batch_size_per_image, ohem_positive_fraction: OHEM for the small head.
         representation_size: width of the two-MLP box heads (torchvision: 1024).
-        p2x_mode: at inference, ``"sparse"`` computes FTT and P'2 only on windows around
-            the small RoIs (same detections, less work); ``"dense"`` computes the whole
-            map. Training and ``rpn_on_p2x`` always use the dense map.
-        sparse_max_coverage: sparse mode falls back to dense when the windows, with their
-            receptive-field halo, would cover more than this fraction of the map.
-        p2x_band_rows: sparse mode computes windows taller than this many stride-2 rows
-            (the dense fallback included) band by band: same values, a lower memory
-            peak. ``None`` computes each window in one pass.
+        p2x_mode: how P'2 is computed at inference, always with the same detections:
+            ``"sparse"`` only where the small RoIs read it (the least work; on the CPU
+            the fastest), ``"banded"`` the whole map band by band (a lower memory peak
+            at about the dense speed on a GPU, where the sparse pieces' many small
+            kernels cost more than they save), ``"dense"`` the whole map in one pass,
+            ``"auto"`` sparse on the CPU and banded elsewhere. Training and
+            ``rpn_on_p2x`` always use the dense map.
+        sparse_max_coverage: sparse mode computes FTT on the whole map when the windows
+            around the RoIs, with their receptive-field halo, would cover more than this
+            fraction of it.
+        p2x_band_rows: height of the bands, in stride-2 rows; ``None`` picks 32 on the
+            CPU and 128 elsewhere, ``0`` computes each window in one pass.
         **kwargs: torchvision ``FasterRCNN`` arguments (min_size, max_size, box_*, rpn_*...).
     """
 
@@ -76,13 +81,13 @@ class EFPNFasterRCNN(FasterRCNN):
         ohem_batch_size_per_image: int = 128,
         ohem_positive_fraction: float = 0.25,
         representation_size: int = 1024,
-        p2x_mode: str = "sparse",
+        p2x_mode: str = "auto",
         sparse_max_coverage: float = 0.5,
-        p2x_band_rows: int | None = 32,
+        p2x_band_rows: int | None = None,
         **kwargs: Any,
     ) -> None:
-        if p2x_mode not in ("sparse", "dense"):
-            raise ValueError(f"p2x_mode must be 'sparse' or 'dense', got {p2x_mode!r}")
+        if p2x_mode not in P2X_MODES:
+            raise ValueError(f"p2x_mode must be one of {P2X_MODES}, got {p2x_mode!r}")
         extended = backbone.extension is not None
         if representation_size != 1024 and "box_head" not in kwargs:
             # torchvision builds the 1024-wide TwoMLPHead only when it is given no head.
@@ -103,7 +108,7 @@ class EFPNFasterRCNN(FasterRCNN):
         self.p2x_mode = p2x_mode
         self.sparse_max_coverage = sparse_max_coverage
         self.p2x_band_rows = p2x_band_rows
-        #: fraction of the stride-2 map computed in the last sparse forward, per image
+        #: fraction of the stride-2 map whose P'2 the last forward computed, per image
         self.last_p2x_coverage: list[float] = []
         rh = self.roi_heads
         small_head = (
@@ -155,12 +160,15 @@ class EFPNFasterRCNN(FasterRCNN):
                     raise ValueError(
                         f"target {i} has a box with non-positive width or height: {box}"
                     )
-        if self.training or self.p2x_mode == "dense" or self.rpn_on_p2x or not self.extended:
+        mode, band_rows = self.p2x_plan(images.tensors.device)
+        if self.training or mode == "dense" or self.rpn_on_p2x or not self.extended:
             features = self.backbone(images.tensors)
             proposals, proposal_losses = self.rpn(images, self.rpn_features(features), targets)
             self.last_p2x_coverage = [1.0] * len(images.image_sizes) if self.extended else []
         else:
-            features, proposals, proposal_losses = self._sparse_features(images, targets)
+            features, proposals, proposal_losses = self._pieced_features(
+                images, targets, mode, band_rows
+            )
         detections, detector_losses = self.roi_heads(
             features, proposals, images.image_sizes, targets
         )
@@ -168,23 +176,35 @@ class EFPNFasterRCNN(FasterRCNN):
             return {**detector_losses, **proposal_losses}
         return self.transform.postprocess(detections, images.image_sizes, original_sizes)
 
-    def _sparse_features(self, images, targets):
-        """The pyramid, the RPN on it, then P'2 only around the small proposals."""
+    def p2x_plan(self, device: torch.device) -> tuple[str, int | None]:
+        """The P'2 mode and band height (``None``: one pass) used for images on
+        ``device``."""
+        mode = self.p2x_mode
+        if mode == "auto":
+            mode = "sparse" if device.type == "cpu" else "banded"
+        rows = self.p2x_band_rows
+        if rows is None:
+            rows = 32 if device.type == "cpu" else 128
+        return mode, rows or None
+
+    def _pieced_features(self, images, targets, mode, band_rows):
+        """The pyramid, the RPN on it, then P'2 in bands (``"banded"``) or only where the
+        small proposals read it (``"sparse"``)."""
         pyramid, stem, inners = self.backbone.forward_pyramid(images.tensors)
         proposals, proposal_losses = self.rpn(images, pyramid, targets)
         size = tuple(stem.shape[-2:])
-        halo = self.backbone.p2x_halo
-        small = [p[small_roi_mask(p, self.roi_heads.small_roi_size)] for p in proposals]
-        windows = [
-            plan_windows(b, size, halo=halo, max_coverage=self.sparse_max_coverage) for b in small
-        ]
+        if mode == "banded":
+            windows, reads = [[(0, size[0], 0, size[1])] for _ in proposals], None
+        else:
+            small = [p[small_roi_mask(p, self.roi_heads.small_roi_size)] for p in proposals]
+            halo = self.backbone.p2x_halo
+            windows = [
+                plan_windows(b, size, halo=halo, max_coverage=self.sparse_max_coverage)
+                for b in small
+            ]
+            reads = [roi_cells(b, size) for b in small]
         p2x = self.backbone.forward_p2x_windows(
-            pyramid,
-            stem,
-            inners,
-            windows,
-            band_rows=self.p2x_band_rows,
-            reads=[roi_cells(b, size) for b in small],
+            pyramid, stem, inners, windows, band_rows=band_rows, reads=reads
         )
         self.last_p2x_coverage = list(self.backbone.last_computed)
         features = OrderedDict([("p2x", p2x)])
