@@ -278,9 +278,7 @@ def test_gray_rgba_16bit_load_as_rgb(tmp_path, mode):
 
 def test_transforms_keep_boxes_valid(synth):
     data = read_coco(synth / "train.json")
-    cfg = AugmentConfig(
-        min_size=96, max_size=128, scale_jitter=(64, 96), hflip=0.5, color_jitter=0.3, crop=1.0
-    )
+    cfg = AugmentConfig(min_size=96, max_size=128, hflip=0.5, color_jitter=0.3, crop=1.0)
     ds = DetectionDataset(data, build_transforms(cfg, train=True))
     for i in range(len(ds)):
         image, target = ds[i]

@@ -106,3 +106,20 @@ def test_nan_loss_skipped_then_aborts(tmp_path, monkeypatch, tiny_cfg):
     monkeypatch.setattr(train_mod.StageLoss, "forward", nan_forward)
     with pytest.raises(RuntimeError, match="2 non-finite losses in a row"):
         Trainer(cfg, tmp_path / "nan", quiet=True).run_stage(1)
+
+
+def test_scale_jitter_trains_at_the_drawn_sizes_and_tests_at_min_size(tiny_cfg):
+    from efpn.engine.train import build_model
+
+    cfg = tiny_cfg()
+    cfg.data.scale_jitter = [64, 96]
+    cfg.model.max_size = 1000
+    model = build_model(cfg, 3, extended=True)
+    image = torch.rand(3, 120, 150)
+    target = {"boxes": torch.tensor([[10.0, 10.0, 40.0, 30.0]]), "labels": torch.tensor([1])}
+    torch.manual_seed(0)
+    model.train()
+    sides = {min(model.transform([image], [dict(target)])[0].image_sizes[0]) for _ in range(20)}
+    assert sides == {64, 96, cfg.model.min_size}
+    model.eval()
+    assert min(model.transform([image])[0].image_sizes[0]) == cfg.model.min_size

@@ -43,6 +43,7 @@ class DataConfig:
     # augmentation
     hflip: float = 0.0
     color_jitter: float = 0.0
+    # shorter sides drawn per training batch (multi-scale training; model.min_size at test)
     scale_jitter: list[int] = field(default_factory=list)
     crop: float = 0.0
     balance_per_class: int = 0

@@ -24,7 +24,6 @@ class AugmentConfig:
     Attributes:
         min_size, max_size: training scale (shorter side, cap on the longer side); 0
             leaves resizing to the detector's own transform.
-        scale_jitter: shorter sides sampled for multi-scale training (empty: off).
         hflip: horizontal flip probability (0: off, the default for signs).
         color_jitter: brightness/contrast/saturation strength (0: off).
         crop: probability of a random IoU crop (boxes kept valid by SanitizeBoundingBoxes).
@@ -32,7 +31,6 @@ class AugmentConfig:
 
     min_size: int = 0
     max_size: int = 0
-    scale_jitter: tuple[int, ...] = ()
     hflip: float = 0.0
     color_jitter: float = 0.0
     crop: float = 0.0
@@ -45,9 +43,7 @@ def build_transforms(cfg: AugmentConfig | None = None, train: bool = True) -> v2
     ops: list = []
     if train and cfg.crop > 0:
         ops.append(v2.RandomApply([v2.RandomIoUCrop()], p=cfg.crop))
-    if train and cfg.scale_jitter:
-        ops.append(v2.RandomShortestSize(list(cfg.scale_jitter), max_size=cfg.max_size or None))
-    elif cfg.min_size:
+    if cfg.min_size:
         ops.append(v2.Resize(cfg.min_size, max_size=cfg.max_size or None, antialias=True))
     if train and cfg.hflip > 0:
         ops.append(v2.RandomHorizontalFlip(cfg.hflip))

@@ -123,7 +123,9 @@ def model_kwargs(cfg: Config, extended: bool = True) -> dict:
         p2x_mode=m.p2x_mode,
         sparse_max_coverage=m.sparse_max_coverage,
         p2x_band_rows=m.p2x_band_rows,
-        min_size=m.min_size,
+        # the detector's transform resizes every image, so multi-scale training happens
+        # there: torchvision draws a training size from the tuple and tests at the last
+        min_size=(*cfg.data.scale_jitter, m.min_size) if cfg.data.scale_jitter else m.min_size,
         max_size=m.max_size,
         rpn_post_nms_top_n_test=m.rpn_post_nms_top_n_test,
         box_score_thresh=m.box_score_thresh,
@@ -283,7 +285,6 @@ class Trainer:
         aug = AugmentConfig(
             hflip=d.hflip,
             color_jitter=d.color_jitter,
-            scale_jitter=tuple(d.scale_jitter),
             crop=d.crop,
         )
         ds = DetectionDataset(self.train_data, build_transforms(aug, train=True))
