@@ -169,9 +169,8 @@ class ExtendedLevel(nn.Module):
             p3x = self.sr.texture(p2[..., ky[0] : ky[1], kx[0] : kx[1]], content)
             return p3x[..., qy[0] - ky[0] : qy[1] - ky[0], qx[0] - kx[0] : qx[1] - kx[0]], qy, qx
 
-        def sr_cost(ys, xs):
+        def sr_cost(ys, xs, content, texture):
             (_, _, ky, my, _), (_, _, kx, mx, _) = spans(*ys, *ny), spans(*xs, *nx)
-            content, texture = self.sr.cell_costs()
             return content * (my[1] - my[0]) * (mx[1] - mx[0]) + texture * (ky[1] - ky[0]) * (
                 kx[1] - kx[0]
             )
@@ -185,7 +184,10 @@ class ExtendedLevel(nn.Module):
             else:  # column spans closer than the recomputed margins are merged
                 pieces += read_pieces(reads, (b0, b1, x0, x1), gap=2 * (ro + r1))
         if sr_per_piece is None:  # per piece recomputes the SR halo, once per window the rest
-            sr_per_piece = sum(sr_cost(*p) for p in pieces) < sr_cost((y0, y1), (x0, x1))
+            costs = self.sr.cell_costs()
+            sr_per_piece = sum(sr_cost(*p, *costs) for p in pieces) < sr_cost(
+                (y0, y1), (x0, x1), *costs
+            )
         if not sr_per_piece and pieces:
             shared = sr_on((y0, y1), (x0, x1))
         for (t0, t1), (c0, c1) in pieces:
