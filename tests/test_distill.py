@@ -75,3 +75,93 @@ def test_stage2_only_new_modules_receive_gradients():
             assert p.grad is not None and p.grad.abs().sum() > 0, name
         else:
             assert p.grad is None, name
+
+
+def _checkerboard(size: int) -> torch.Tensor:
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    return ((yy + xx) % 2).float().expand(3, size, size).clone()
+
+
+def test_source_teacher_equals_an_independent_resize_of_the_source_to_2s():
+    import torch.nn.functional as F
+
+    from efpn.distill import source_teacher_batch
+    from efpn.models import efpn_resnet18_fpn
+
+    model = efpn_resnet18_fpn(num_classes=3, min_size=64, max_size=64, out_channels=16)
+    model.train()
+    tr = model.transform
+    sources = [torch.rand(3, 100, 100), torch.rand(3, 300, 150)]  # up- and downsampled
+    targets = [{"boxes": torch.tensor([[5.0, 5.0, 20.0, 20.0]]), "labels": torch.tensor([1])}] * 2
+    image_list, _ = tr(sources, [dict(t) for t in targets])
+    teacher = source_teacher_batch(
+        sources,
+        image_list.image_sizes,
+        image_list.tensors.shape,
+        mean=tr.image_mean,
+        std=tr.image_std,
+    )
+    n, _, h, w = image_list.tensors.shape
+    assert teacher.shape == (n, 3, 2 * h, 2 * w)
+    mean = torch.tensor(tr.image_mean)[:, None, None]
+    std = torch.tensor(tr.image_std)[:, None, None]
+    for i, src in enumerate(sources):
+        sh, sw = image_list.image_sizes[i]
+        assert (2 * sh, 2 * sw) != tuple(src.shape[-2:])
+        want = F.interpolate(
+            src[None], size=(2 * sh, 2 * sw), mode="bilinear", antialias=2 * sh < src.shape[1]
+        )[0]
+        torch.testing.assert_close(teacher[i, :, : 2 * sh, : 2 * sw], (want - mean) / std)
+        assert teacher[i, :, 2 * sh :, :].abs().sum() == 0  # padding stays zero
+        assert teacher[i, :, :, 2 * sw :].abs().sum() == 0
+
+
+def test_one_pixel_pattern_of_a_2s_source_survives_in_the_teacher_not_the_student():
+    from efpn.distill import source_teacher_batch
+    from efpn.models import efpn_resnet18_fpn
+
+    s = 64
+    model = efpn_resnet18_fpn(num_classes=3, min_size=s, max_size=s, out_channels=16)
+    tr = model.transform
+    source = _checkerboard(2 * s)
+    image_list, _ = tr([source], [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0).long()}])
+    assert image_list.image_sizes[0] == (s, s)
+    student = image_list.tensors[0] * torch.tensor(tr.image_std)[:, None, None]
+    teacher = (
+        source_teacher_batch(
+            [source],
+            image_list.image_sizes,
+            image_list.tensors.shape,
+            mean=tr.image_mean,
+            std=tr.image_std,
+        )[0]
+        * torch.tensor(tr.image_std)[:, None, None]
+    )
+    assert student.std(dim=(1, 2)).max() < 1e-4  # the 1x view averages the pattern away
+    assert teacher.std(dim=(1, 2)).min() > 0.45  # the 2x view keeps it, pixel for pixel
+    torch.testing.assert_close(teacher[0], (source[0] - tr.image_mean[0]) * 1.0, atol=1e-5, rtol=0)
+    # the old behaviour, an upsampled student batch, would have lost it too
+    up, _, _ = teacher_student_pair(image_list.tensors, [torch.zeros(0, 4)], "upsample_teacher")
+    assert up[0].std(dim=(1, 2)).max() < 1e-3
+
+
+def test_stage2_loss_uses_the_source_pixels_in_upsample_teacher_mode(tiny_cfg, monkeypatch):
+    import efpn.distill as distill_mod
+    from efpn.engine import train as train_mod
+
+    cfg = tiny_cfg(**{"distill.teacher_mode": "upsample_teacher"})
+    model = train_mod.build_model(cfg, 3, extended=True).train()
+    seen = {}
+    original = distill_mod.teacher_student_pair
+
+    def spy(images, boxes, mode, teacher_images=None):
+        seen["teacher"] = teacher_images
+        return original(images, boxes, mode, teacher_images=teacher_images)
+
+    monkeypatch.setattr(distill_mod, "teacher_student_pair", spy)
+    source = _checkerboard(2 * cfg.model.min_size)
+    target = {"boxes": torch.tensor([[10.0, 10.0, 60.0, 60.0]]), "labels": torch.tensor([1])}
+    losses = train_mod.StageLoss(model, 2, cfg)([source], [target])
+    assert torch.isfinite(losses["loss"])
+    assert seen["teacher"] is not None
+    assert seen["teacher"][0].std(dim=(1, 2)).min() > 0.45 / 0.23  # normalised by std

@@ -271,3 +271,33 @@ def test_rpn_on_p2x_option():
     with torch.no_grad():
         out = model([torch.rand(3, 128, 128)])
     assert out[0]["boxes"].ndim == 2
+
+
+def test_resize_scale_scales_every_image_by_one_factor_and_maps_boxes_back():
+    from efpn.models import efpn_resnet18_fpn
+    from efpn.models.transform import ScaleTransform
+
+    model = efpn_resnet18_fpn(
+        num_classes=3, out_channels=16, min_size=200, max_size=1000, resize_scale=0.5
+    )
+    assert isinstance(model.transform, ScaleTransform)
+    model.eval()
+    for h, w in [(120, 300), (90, 64)]:  # different shorter sides, the same factor
+        image_list, _ = model.transform([torch.rand(3, h, w)])
+        assert image_list.image_sizes[0] == (h // 2, w // 2)
+    # a scaled test (min_size x2, as `val --scale 2` does) doubles the factor
+    model.transform.min_size = (400,)
+    assert model.transform([torch.rand(3, 120, 300)])[0].image_sizes[0] == (120, 300)
+    model.transform.min_size = (200,)
+    # training: boxes follow the image; max_size bounds the longer side
+    model.train()
+    target = {"boxes": torch.tensor([[10.0, 20.0, 50.0, 60.0]]), "labels": torch.tensor([1])}
+    _, targets = model.transform([torch.rand(3, 120, 300)], [target])
+    torch.testing.assert_close(targets[0]["boxes"], torch.tensor([[5.0, 10.0, 25.0, 30.0]]))
+    assert model.transform.factor(100, 4000) == 1000 / 4000
+    model.eval()
+    with torch.no_grad():
+        out = model([torch.rand(3, 120, 300)])[0]
+    assert out["boxes"].shape[-1] == 4
+    if len(out["boxes"]):  # postprocess maps back to the input's pixels
+        assert out["boxes"][:, 2].max() <= 300 + 1e-3

@@ -108,18 +108,79 @@ def test_nan_loss_skipped_then_aborts(tmp_path, monkeypatch, tiny_cfg):
         Trainer(cfg, tmp_path / "nan", quiet=True).run_stage(1)
 
 
-def test_scale_jitter_trains_at_the_drawn_sizes_and_tests_at_min_size(tiny_cfg):
+def test_scale_jitter_trains_stage1_at_the_drawn_sizes_and_tests_at_min_size(tiny_cfg):
     from efpn.engine.train import build_model
 
     cfg = tiny_cfg()
     cfg.data.scale_jitter = [64, 96]
     cfg.model.max_size = 1000
-    model = build_model(cfg, 3, extended=True)
     image = torch.rand(3, 120, 150)
     target = {"boxes": torch.tensor([[10.0, 10.0, 40.0, 30.0]]), "labels": torch.tensor([1])}
     torch.manual_seed(0)
-    model.train()
-    sides = {min(model.transform([image], [dict(target)])[0].image_sizes[0]) for _ in range(20)}
+    baseline = build_model(cfg, 3, extended=False).train()
+    sides = {min(baseline.transform([image], [dict(target)])[0].image_sizes[0]) for _ in range(20)}
     assert sides == {64, 96, cfg.model.min_size}
-    model.eval()
-    assert min(model.transform([image])[0].image_sizes[0]) == cfg.model.min_size
+    baseline.eval()
+    assert min(baseline.transform([image])[0].image_sizes[0]) == cfg.model.min_size
+    # stages 2-3 train the extension at the test scale S (the teacher sees 2S)
+    extended = build_model(cfg, 3, extended=True).train()
+    sides = {min(extended.transform([image], [dict(target)])[0].image_sizes[0]) for _ in range(10)}
+    assert sides == {cfg.model.min_size}
+
+
+def _ohem_model(**kw):
+    from efpn.models import efpn_resnet18_fpn
+
+    torch.manual_seed(0)
+    model = efpn_resnet18_fpn(
+        num_classes=3,
+        out_channels=16,
+        representation_size=32,
+        sr_kwargs={"width": 8},
+        small_roi_size=24,
+        anchor_sizes=(8, 16, 32, 64, 128),
+        **kw,
+    )
+    model.roi_heads.ohem = True
+    model.roi_heads.ohem_batch_size_per_image = 16
+    return model.train()
+
+
+def test_ohem_loss_is_finite_for_an_image_without_boxes():
+    model = _ohem_model(min_size=96, max_size=96)
+    images = [torch.rand(3, 96, 96), torch.rand(3, 96, 96)]
+    targets = [
+        {"boxes": torch.tensor([[10.0, 10.0, 22.0, 20.0]]), "labels": torch.tensor([1])},
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},  # negative image
+    ]
+    losses = model(images, targets)
+    assert torch.isfinite(losses["loss_box_reg_small"]) and torch.isfinite(
+        losses["loss_classifier_small"]
+    )
+    sum(losses.values()).backward()
+    grads = [p.grad for p in model.roi_heads.small_box_head.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_ohem_handles_an_image_with_boxes_but_no_small_proposal(monkeypatch):
+    model = _ohem_model(min_size=96, max_size=96)
+    heads = model.roi_heads
+    # the RPN proposes only large boxes and the one object is large: no small RoI at all
+    big = torch.tensor([[0.0, 0.0, 90.0, 90.0], [5.0, 5.0, 80.0, 70.0]])
+    orig = type(model.rpn).forward
+    monkeypatch.setattr(
+        type(model.rpn), "forward", lambda self, *a, **k: ([big.clone()], orig(self, *a, **k)[1])
+    )
+    target = {"boxes": torch.tensor([[2.0, 2.0, 88.0, 85.0]]), "labels": torch.tensor([2])}
+    losses = model([torch.rand(3, 96, 96)], [target])
+    assert heads.ohem and torch.isfinite(losses["loss_classifier_small"])
+
+
+def test_p2x_stride_is_known_for_small_inputs():
+    from efpn.models import efpn_resnet18_fpn
+
+    model = efpn_resnet18_fpn(num_classes=3, out_channels=16, min_size=40, max_size=400).eval()
+    with torch.no_grad():
+        for h, w in [(33, 200), (40, 61), (50, 50), (67, 90)]:
+            out = model([torch.rand(3, h, w)])[0]
+            assert out["boxes"].shape[-1] == 4

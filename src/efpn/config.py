@@ -66,6 +66,8 @@ class ModelConfig:
     rpn_on_p2x: bool = False
     min_size: int = 512
     max_size: int = 512
+    # resize every image by this factor at the test size (None: shorter side to min_size)
+    resize_scale: float | None = None
     anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
     trainable_backbone_layers: int = 3
     # "batchnorm" trains the stage-1 baseline with BN (needed from scratch); stages 2-3
@@ -129,6 +131,11 @@ class Config:
     stage2: StageConfig = field(default_factory=StageConfig)
     stage3: StageConfig = field(default_factory=StageConfig)
     eval_score_thresh: float = 0.5
+    # size bins (small/medium/large) in the image files' pixels ("source") or in the
+    # pixels the model sees at its test size ("model")
+    eval_size_reference: str = "source"
+    # after stage 1, evaluate its FPN at S and 2S and write premise.json
+    premise_check: bool = True
     checkpoint_every: int = 200
     log_every: int = 10
 

@@ -58,6 +58,7 @@ def run_demo(
     start = time.perf_counter()
     cfg = load_config(config or default_config())
     out = Path(out)
+    premise = None
     if eval_only:
         for stage in (1, 3):
             if not (out / f"stage{stage}" / "best.pt").exists():
@@ -71,19 +72,25 @@ def run_demo(
         trainer = Trainer(cfg, out, quiet=quiet)
         trainer.run([1, 2, 3])
         val = trainer.val_data
+        premise = trainer.premise
     print("[2/3] evaluating FPN 1x, FPN 2x and EFPN 1x on the validation split", flush=True)
     fpn, _ = model_from_checkpoint(out / "stage1" / "best.pt")
     efpn, _ = model_from_checkpoint(out / "stage3" / "best.pt")
+    kw = dict(
+        score_thresh=cfg.eval_score_thresh,
+        size_reference=cfg.eval_size_reference,
+        quiet=quiet,
+        curves=True,
+    )
+    if premise is None:  # the trainer's premise check already evaluated FPN at 1x and 2x
+        premise = {
+            "fpn_1x": evaluate_model(fpn, val, scale=1.0, **kw),
+            "fpn_2x": evaluate_model(fpn, val, scale=2.0, **kw),
+        }
     runs = {
-        "fpn_1x": evaluate_model(
-            fpn, val, scale=1.0, score_thresh=cfg.eval_score_thresh, quiet=quiet, curves=True
-        ),
-        "fpn_2x": evaluate_model(
-            fpn, val, scale=2.0, score_thresh=cfg.eval_score_thresh, quiet=quiet, curves=True
-        ),
-        "efpn_1x": evaluate_model(
-            efpn, val, scale=1.0, score_thresh=cfg.eval_score_thresh, quiet=quiet, curves=True
-        ),
+        "fpn_1x": premise["fpn_1x"],
+        "fpn_2x": premise["fpn_2x"],
+        "efpn_1x": evaluate_model(efpn, val, scale=1.0, **kw),
     }
     summary = {k: {key: m[key] for key in KEYS} for k, m in runs.items()}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))

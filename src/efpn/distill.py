@@ -22,6 +22,7 @@ __all__ = [
     "fbb_terms",
     "freeze_all_but_new_modules",
     "pad_to_multiple",
+    "source_teacher_batch",
     "teacher_student_pair",
 ]
 
@@ -102,13 +103,56 @@ def pad_to_multiple(x: Tensor, multiple: int = 64) -> Tensor:
     return F.pad(x, (0, pw, 0, ph)) if ph or pw else x
 
 
+def source_teacher_batch(
+    sources: Sequence[Tensor],
+    image_sizes: Sequence[tuple[int, int]],
+    padded_shape: Sequence[int],
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> Tensor:
+    """The teacher's input of ``"upsample_teacher"`` built from the source pixels.
+
+    Each source image (``(3, h0, w0)``, values in [0, 1], before the detector's resize)
+    is resized straight to twice the size the student saw (``2h x 2w`` for an
+    ``image_sizes`` entry ``(h, w)``), normalised like the student and placed in a
+    zero-padded batch twice the student's padded size. A source larger than 2S is
+    downsampled (antialiased), one smaller is upsampled, as the paper's 2800-px teacher
+    from TT100K's 2048-px images: the teacher sees every pixel the source holds at 2S,
+    not an upsampled copy of the student's batch.
+
+    Args:
+        sources: the images as the data loader gave them.
+        image_sizes: the student's per-image ``(h, w)`` after the detector's resize.
+        padded_shape: the student batch's shape ``(N, C, H, W)``.
+        mean, std: the detector transform's normalisation.
+    """
+    n, c, h, w = padded_shape
+    ref = sources[0]
+    out = ref.new_zeros((n, c, 2 * h, 2 * w))
+    mean_t = torch.as_tensor(mean, dtype=ref.dtype, device=ref.device)[:, None, None]
+    std_t = torch.as_tensor(std, dtype=ref.dtype, device=ref.device)[:, None, None]
+    for i, (src, (sh, sw)) in enumerate(zip(sources, image_sizes)):
+        th, tw = 2 * int(sh), 2 * int(sw)
+        down = th < src.shape[-2] or tw < src.shape[-1]
+        img = F.interpolate(
+            src[None].float(), size=(th, tw), mode="bilinear", align_corners=False, antialias=down
+        )[0]
+        out[i, :, :th, :tw] = (img - mean_t) / std_t
+    return out
+
+
 def teacher_student_pair(
-    images: Tensor, boxes: Sequence[Tensor], mode: str = "upsample_teacher"
+    images: Tensor,
+    boxes: Sequence[Tensor],
+    mode: str = "upsample_teacher",
+    teacher_images: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
     """Inputs of teacher and student for one normalised, padded batch.
 
-    ``"upsample_teacher"`` (paper): the student sees the batch, the teacher a bilinear 2x
-    copy. ``"downsample_student"`` (authors' code): the teacher sees the batch (padded to
+    ``"upsample_teacher"`` (paper): the student sees the batch, the teacher
+    ``teacher_images`` (the source pixels at 2x, :func:`source_teacher_batch`) or, when
+    not given, a bilinear 2x copy of the batch. ``"downsample_student"`` (authors' code): the teacher sees the batch (padded to
     a multiple of 64), the student a 2x2 average-pooled copy, so the teacher sees real
     detail; boxes are halved for the student.
 
@@ -117,7 +161,13 @@ def teacher_student_pair(
     """
     if mode == "upsample_teacher":
         student = pad_to_multiple(images, 32)
-        teacher = F.interpolate(student, scale_factor=2.0, mode="bilinear", align_corners=False)
+        if teacher_images is None:
+            teacher = F.interpolate(student, scale_factor=2.0, mode="bilinear", align_corners=False)
+        else:
+            th, tw = teacher_images.shape[-2:]
+            teacher = F.pad(
+                teacher_images, (0, 2 * student.shape[-1] - tw, 0, 2 * student.shape[-2] - th)
+            )
         return teacher, student, list(boxes)
     if mode == "downsample_student":
         teacher = pad_to_multiple(images, 64)
@@ -134,6 +184,7 @@ def distillation_loss(
     mode: str = "upsample_teacher",
     lam: float = 1.0,
     ftt_loss: bool = True,
+    teacher_images: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Eq. (5): ``L_fbb(P'3, P3_2x) + L_fbb(P'2, P2_2x)`` for an EFPN backbone.
 
@@ -144,12 +195,16 @@ def distillation_loss(
         mode: one of :data:`TEACHER_MODES`.
         lam: lambda of Eq. (8); 0 leaves only the global loss.
         ftt_loss: also supervise the SR output P'3 (Table IV, third row).
+        teacher_images: the teacher's input in ``"upsample_teacher"`` mode, built from
+            the source pixels (:func:`source_teacher_batch`); ``None`` upsamples ``images``.
 
     Returns:
         The four terms ``glob_p3``, ``pos_p3``, ``glob_p2``, ``pos_p2`` and their
         weighted sum ``loss_distill``.
     """
-    teacher_in, student_in, student_boxes = teacher_student_pair(images, boxes, mode)
+    teacher_in, student_in, student_boxes = teacher_student_pair(
+        images, boxes, mode, teacher_images=teacher_images
+    )
     with torch.no_grad():
         teacher, _, _ = backbone.forward_pyramid(teacher_in)
     student = backbone.forward_all(student_in)

@@ -22,7 +22,13 @@ from ..metrics import (
 )
 from . import distributed as dist_utils
 
-__all__ = ["best_f1", "evaluate_model", "predict_dataset"]
+__all__ = [
+    "best_f1",
+    "evaluate_model",
+    "predict_dataset",
+    "rescale_coco",
+    "test_scale_factors",
+]
 
 
 @torch.no_grad()
@@ -84,6 +90,39 @@ def _predict(model, data, device, batch_size, quiet):
     return results, total_time / max(count, 1), [c for part in gathered for c in part[3]]
 
 
+def test_scale_factors(model, data: DetectionData) -> dict[int, float]:
+    """Per image id, the factor by which the detector's 1x test resize scales it
+    (torchvision's rule: shorter side to ``min_size``, longer side at most ``max_size``)."""
+    transform = model.transform
+    if hasattr(transform, "resize_scale"):  # ScaleTransform: one factor for every image
+        return {r.image_id: transform.factor(r.height, r.width) for r in data.images}
+    min_size = float(transform.min_size[-1])
+    max_size = float(transform.max_size)
+    return {
+        r.image_id: min(min_size / min(r.width, r.height), max_size / max(r.width, r.height))
+        for r in data.images
+    }
+
+
+def rescale_coco(gt: dict, results: list[dict], factors: dict) -> tuple[dict, list[dict]]:
+    """Ground truth and results with every box (and area) of an image scaled by its
+    factor; the image sizes follow."""
+
+    def box(b, f):
+        return [v * f for v in b]
+
+    images = [
+        {**im, "width": im["width"] * factors[im["id"]], "height": im["height"] * factors[im["id"]]}
+        for im in gt["images"]
+    ]
+    anns = []
+    for a in gt["annotations"]:
+        f = factors[a["image_id"]]
+        anns.append({**a, "bbox": box(a["bbox"], f), "area": a["area"] * f * f})
+    res = [{**r, "bbox": box(r["bbox"], factors[r["image_id"]])} for r in results]
+    return {**gt, "images": images, "annotations": anns}, res
+
+
 def best_f1(gt_tt: dict, res_tt: dict, size_range, classes=None, steps: int = 50) -> dict:
     """The F1 maximum over the accuracy-recall sweep, with its threshold."""
     curve = accuracy_recall_curve(
@@ -110,6 +149,7 @@ def evaluate_model(
     score_thresh: float = 0.5,
     quiet: bool = False,
     curves: bool = False,
+    size_reference: str = "source",
 ) -> dict:
     """COCO AP/AR per size and TT100K-style accuracy/recall/F1 per size.
 
@@ -119,13 +159,24 @@ def evaluate_model(
     ``seconds_per_image``, ``p2x_coverage`` (mean fraction of the stride-2 map that
     the extension computed; ``None`` without P'2) and, with ``curves``, ``curves`` per
     bin. Only rank 0 gets the metrics; other ranks get ``{}``.
+
+    ``size_reference`` says in which pixels an object's size bin is measured:
+    ``"source"``, the image files' (the paper's TT100K protocol), or ``"model"``, the
+    pixels the detector sees at its 1x test size (whatever ``scale`` is), for data
+    stored at a higher resolution than the model runs at. AP and AR within a bin do not
+    depend on it; which objects fall in the bin does.
     """
+    if size_reference not in ("source", "model"):
+        raise ValueError(f"unknown size_reference {size_reference!r}; expected source or model")
+    factors = test_scale_factors(model, data) if size_reference == "model" else None
     results, spi, coverage = predict_dataset(
         model, data, device=device, batch_size=batch_size, scale=scale, quiet=quiet
     )
     if not dist_utils.is_main():
         return {}
-    gt = to_coco_dict(data)
+    gt, raw_results = to_coco_dict(data), results
+    if factors is not None:
+        gt, results = rescale_coco(gt, results, factors)
     metrics = coco_metrics(gt, results)
     gt_tt, res_tt = coco_gt_to_tt100k(gt), coco_results_to_tt100k(gt, results)
     classes = data.eval_classes
@@ -141,5 +192,6 @@ def evaluate_model(
             name: accuracy_recall_curve(gt_tt, res_tt, size_range=rng, steps=50, classes=classes)
             for name, rng in TT100K_BINS.items()
         }
-    metrics["_results"] = results
+    metrics["size_reference"] = size_reference
+    metrics["_results"] = raw_results  # in the image files' pixels
     return metrics

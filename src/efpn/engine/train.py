@@ -27,11 +27,12 @@ from ..data import (
     read_dataset,
 )
 from ..data.records import DetectionData
-from ..distill import distillation_loss, freeze_all_but_new_modules
+from ..distill import distillation_loss, freeze_all_but_new_modules, source_teacher_batch
 from ..models import efpn_fpn, load_baseline_state_dict
 from . import distributed as dist_utils
 from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from .evaluate import evaluate_model
+from .premise import check_premise
 
 __all__ = [
     "StageLoss",
@@ -124,9 +125,14 @@ def model_kwargs(cfg: Config, extended: bool = True) -> dict:
         sparse_max_coverage=m.sparse_max_coverage,
         p2x_band_rows=m.p2x_band_rows,
         # the detector's transform resizes every image, so multi-scale training happens
-        # there: torchvision draws a training size from the tuple and tests at the last
-        min_size=(*cfg.data.scale_jitter, m.min_size) if cfg.data.scale_jitter else m.min_size,
+        # there: torchvision draws a training size from the tuple and tests at the last.
+        # Only the stage-1 baseline trains multi-scale (it must work at S and at 2S to be
+        # the teacher); stages 2-3 train at the test scale S, the teacher at 2S.
+        min_size=(*cfg.data.scale_jitter, m.min_size)
+        if cfg.data.scale_jitter and not extended
+        else m.min_size,
         max_size=m.max_size,
+        resize_scale=m.resize_scale,
         rpn_post_nms_top_n_test=m.rpn_post_nms_top_n_test,
         box_score_thresh=m.box_score_thresh,
         box_detections_per_img=m.box_detections_per_img,
@@ -183,7 +189,19 @@ class StageLoss(nn.Module):
 
     def forward(self, images, targets) -> dict[str, torch.Tensor]:
         if self.stage == 2 and self.distill.enabled:
-            image_list, targets_t = self.model.transform(images, targets)
+            transform = self.model.transform
+            image_list, targets_t = transform(images, targets)
+            teacher_images = None
+            if self.distill.teacher_mode == "upsample_teacher":
+                # the teacher sees the source pixels at 2x the student's size (Sec. IV-A3:
+                # 2800 px from TT100K's 2048-px images), not an upsampled student batch
+                teacher_images = source_teacher_batch(
+                    images,
+                    image_list.image_sizes,
+                    image_list.tensors.shape,
+                    mean=transform.image_mean,
+                    std=transform.image_std,
+                )
             terms = distillation_loss(
                 self.model.backbone,
                 image_list.tensors,
@@ -191,6 +209,7 @@ class StageLoss(nn.Module):
                 mode=self.distill.teacher_mode,
                 lam=self.distill.lam,
                 ftt_loss=self.distill.ftt_loss,
+                teacher_images=teacher_images,
             )
             return {"loss": terms["loss_distill"], **terms}
         losses = self.model(images, targets)
@@ -257,10 +276,17 @@ class Trainer:
         quiet: no progress bars.
         stop_after_steps: stop (saving ``last.pt``) after this many steps in total, as
             an interrupt would; used to test resuming.
+        data: ``(train, val)`` records to use instead of the recipe's (``efpn study``
+            passes its folds this way).
     """
 
     def __init__(
-        self, cfg: Config, out: str | Path, quiet: bool = False, stop_after_steps: int | None = None
+        self,
+        cfg: Config,
+        out: str | Path,
+        quiet: bool = False,
+        stop_after_steps: int | None = None,
+        data: tuple[DetectionData, DetectionData] | None = None,
     ) -> None:
         self.cfg = cfg
         self.out = Path(out)
@@ -271,10 +297,11 @@ class Trainer:
             self.device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
         else:
             self.device = torch.device(cfg.device)
-        self.train_data, self.val_data = load_data(
-            cfg, self.out.parent if cfg.data.format == "synth" else None
-        )
+        if data is None:
+            data = load_data(cfg, self.out.parent if cfg.data.format == "synth" else None)
+        self.train_data, self.val_data = data
         self.classes = list(self.train_data.classes)
+        self.premise: dict | None = None
         if dist_utils.is_main():
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -514,6 +541,7 @@ class Trainer:
                     device=self.device,
                     batch_size=o.batch_size,
                     score_thresh=cfg.eval_score_thresh,
+                    size_reference=cfg.eval_size_reference,
                     quiet=self.quiet,
                 )
                 if dist_utils.is_main():
@@ -595,6 +623,20 @@ class Trainer:
                 w.writerow({k: r.get(k, "") for k in CSV_COLUMNS})
         tmp.replace(sdir / "metrics.csv")
 
+    def check_premise(self, checkpoint: str | Path) -> dict:
+        """Stage 1's FPN on val at S and 2S (``premise.json``; see :mod:`.premise`)."""
+        model, _ = model_from_checkpoint(checkpoint, self.device)
+        return check_premise(
+            model,
+            self.val_data,
+            out=self.out,
+            device=self.device,
+            score_thresh=self.cfg.eval_score_thresh,
+            size_reference=self.cfg.eval_size_reference,
+            quiet=self.quiet,
+            curves=True,
+        )
+
     # -- all stages
     def run(self, stages: list[int], resume: bool = False) -> dict:
         best = None
@@ -603,6 +645,8 @@ class Trainer:
             if s == 1:
                 init = self.cfg.stage1.init
             best = self.run_stage(s, resume=resume, init=init)
+            if s == 1 and self.cfg.premise_check and dist_utils.is_main():
+                self.premise = self.check_premise(best)
         if best is None or not dist_utils.is_main():
             return {}
         model, _ = model_from_checkpoint(best, self.device)
@@ -611,6 +655,7 @@ class Trainer:
             self.val_data,
             device=self.device,
             score_thresh=self.cfg.eval_score_thresh,
+            size_reference=self.cfg.eval_size_reference,
             quiet=self.quiet,
             curves=True,
         )

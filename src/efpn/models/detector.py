@@ -15,6 +15,7 @@ from ..config import P2X_MODES
 from .backbone import EFPNBackbone, resnet_efpn_backbone
 from .heads import EFPNRoIHeads, small_roi_mask
 from .sparse import plan_windows, roi_cells
+from .transform import install_scale_transform
 
 __all__ = [
     "EFPNFasterRCNN",
@@ -63,6 +64,9 @@ class EFPNFasterRCNN(FasterRCNN):
             fraction of it.
         p2x_band_rows: height of the bands, in stride-2 rows; ``None`` picks 32 on the
             CPU and 128 elsewhere, ``0`` computes each window in one pass.
+        resize_scale: resize every image by this factor (at the test size ``min_size``;
+            see :class:`~efpn.models.transform.ScaleTransform`) instead of to a shorter
+            side of ``min_size``: one ground sample distance for aerial imagery.
         **kwargs: torchvision ``FasterRCNN`` arguments (min_size, max_size, box_*, rpn_*...).
     """
 
@@ -84,6 +88,7 @@ class EFPNFasterRCNN(FasterRCNN):
         p2x_mode: str = "auto",
         sparse_max_coverage: float = 0.5,
         p2x_band_rows: int | None = None,
+        resize_scale: float | None = None,
         **kwargs: Any,
     ) -> None:
         if p2x_mode not in P2X_MODES:
@@ -105,6 +110,8 @@ class EFPNFasterRCNN(FasterRCNN):
                 sizes, (tuple(aspect_ratios),) * len(sizes)
             )
         super().__init__(backbone, num_classes, **kwargs)
+        if resize_scale is not None:
+            install_scale_transform(self, resize_scale, self.transform.min_size[-1])
         self.p2x_mode = p2x_mode
         self.sparse_max_coverage = sparse_max_coverage
         self.p2x_band_rows = p2x_band_rows

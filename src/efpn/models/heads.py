@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 import torch.nn.functional as F
@@ -140,12 +139,12 @@ class EFPNRoIHeads(RoIHeads):
         )
 
     def _padded_height(self, image_shapes: list[tuple[int, int]], p2x: Tensor) -> float:
-        # P'2 has stride 2; check it instead of trusting a rounded log2 as MultiScaleRoIAlign does.
+        # P'2 has stride 2 by construction; a rounded log2 of the size ratio (what
+        # MultiScaleRoIAlign infers) is wrong for some small padded inputs.
         max_h = max(h for h, _ in image_shapes)
-        stride = 2 ** round(math.log2(max_h / p2x.shape[-2])) if max_h > 0 else 2
-        if stride != 2:
+        if p2x.shape[-2] * 2 < max_h:
             raise ValueError(
-                f"'p2x' must have stride 2, got a {tuple(p2x.shape[-2:])} map for images up to {max_h} px high"
+                f"'p2x' of {tuple(p2x.shape[-2:])} does not cover images up to {max_h} px high at stride 2"
             )
         return float(p2x.shape[-2] * 2)
 
@@ -219,13 +218,16 @@ class EFPNRoIHeads(RoIHeads):
         gt_boxes = [t["boxes"].to(proposals[0].dtype) for t in targets]
         props = self.add_gt_proposals(proposals, gt_boxes)
         props = [p[small_roi_mask(p, self.small_roi_size)] for p in props]
-        matched_idxs, labels = self.assign_targets_to_proposals(
-            props, gt_boxes, [t["labels"] for t in targets]
-        )
-        matched = [
-            g[i] if g.numel() else torch.zeros_like(p)
-            for g, i, p in zip(gt_boxes, matched_idxs, props, strict=False)
-        ]
+        labels, matched = [], []
+        for p, g, t in zip(props, gt_boxes, targets, strict=False):
+            if p.numel() == 0:  # no small RoI in this image (its objects are all large)
+                labels.append(torch.zeros(0, dtype=torch.int64, device=p.device))
+                matched.append(p)
+                continue
+            idx, lab = self.assign_targets_to_proposals([p], [g], [t["labels"]])
+            labels.append(lab[0])
+            # an image without objects has only negatives; their box target is unused
+            matched.append(g[idx[0]] if g.numel() else p)
         return props, labels, self.box_coder.encode(matched, props)
 
     def _inference(self, features, proposals, image_shapes) -> list[dict[str, Tensor]]:
@@ -280,9 +282,12 @@ def _per_roi_losses(
     valid = labels >= 0
     cls = F.cross_entropy(logits, labels.clamp(min=0), reduction="none") * valid
     n = logits.shape[0]
-    deltas = deltas.reshape(n, -1, 4)
+    deltas = deltas.reshape(n, logits.shape[1], 4)
     pos = labels > 0
     idx = torch.arange(n, device=logits.device)
     picked = deltas[idx, labels.clamp(min=0)]
-    box = F.smooth_l1_loss(picked, targets, beta=1 / 9, reduction="none").sum(dim=1) * pos
+    targets = torch.where(pos[:, None], targets, torch.zeros_like(targets))
+    box = F.smooth_l1_loss(picked, targets, beta=1 / 9, reduction="none").sum(dim=1)
+    # where, not a product: a negative's target may be non-finite, and inf * 0 is NaN
+    box = torch.where(pos, box, torch.zeros_like(box))
     return cls, box

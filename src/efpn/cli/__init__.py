@@ -1,0 +1,43 @@
+"""The ``efpn`` command line: one module per command group."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .. import __version__
+from . import bench, data, study, train
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="efpn", description="Extended Feature Pyramid Network for small-object detection"
+    )
+    parser.add_argument("--version", action="version", version=f"efpn {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for group in (bench, data, train, study):
+        group.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        # Bad input (data, recipe, options): one line. EFPN_DEBUG=1 shows the traceback.
+        import os
+
+        if os.environ.get("EFPN_DEBUG"):
+            raise
+        print(f"efpn: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,191 @@
+"""``efpn data`` (convert, stats, synth) and ``efpn eval``: datasets and metrics."""
+
+from __future__ import annotations
+
+
+def _add_data(sub) -> None:
+    p = sub.add_parser("data", help="convert, inspect and generate datasets")
+    dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+
+    c = dsub.add_parser("convert", help="convert a dataset between formats")
+    c.add_argument("source", help="dataset: COCO/TT100K JSON file, or YOLO/VOC folder")
+    c.add_argument(
+        "--from", dest="src_format", required=True, choices=["yolo", "voc", "tt100k", "coco"]
+    )
+    c.add_argument("--to", dest="dst_format", required=True, choices=["coco", "yolo"])
+    c.add_argument("--out", required=True, help="output folder")
+    c.add_argument(
+        "--split",
+        default=None,
+        help="split to read (YOLO splits.json or images/<split>, VOC ImageSets, TT100K path prefix)",
+    )
+    c.add_argument(
+        "--image-root", default=None, help="COCO/TT100K image root (default: the JSON's folder)"
+    )
+    c.add_argument(
+        "--classes", default=None, help="TT100K: tt100k45|all; VOC: a file with one class per line"
+    )
+    c.add_argument(
+        "--keep-other", action="store_true", help="TT100K: keep the other declared classes"
+    )
+    c.set_defaults(func=_cmd_data_convert)
+
+    s = dsub.add_parser("stats", help="image count, boxes per class and size histograms")
+    s.add_argument("source")
+    s.add_argument("--format", default=None, choices=["yolo", "voc", "tt100k", "coco"])
+    s.add_argument("--split", default=None)
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(func=_cmd_data_stats)
+
+    g = dsub.add_parser("synth", help="generate the SynthSigns benchmark (PNG + COCO JSON)")
+    g.add_argument("--out", required=True)
+    g.add_argument("--train", type=int, default=200)
+    g.add_argument("--val", type=int, default=50)
+    g.add_argument("--size", type=int, default=512)
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=_cmd_data_synth)
+
+
+def _reader_kwargs(fmt: str, args) -> dict:
+    kw: dict = {}
+    if getattr(args, "split", None):
+        kw["split"] = args.split
+    if fmt in ("coco", "tt100k") and getattr(args, "image_root", None):
+        kw["image_root" if fmt == "coco" else "root"] = args.image_root
+    if fmt == "tt100k":
+        if getattr(args, "classes", None):
+            kw["classes"] = args.classes
+        kw["keep_other"] = getattr(args, "keep_other", False)
+    if fmt == "voc" and getattr(args, "classes", None):
+        from pathlib import Path
+
+        kw["classes"] = [
+            ln.strip() for ln in Path(args.classes).read_text().splitlines() if ln.strip()
+        ]
+    if fmt == "coco":
+        kw.pop("split", None)
+    return kw
+
+
+def _cmd_data_convert(args) -> int:
+    from ..data import read_dataset, write_coco, write_yolo
+
+    data = read_dataset(args.source, args.src_format, **_reader_kwargs(args.src_format, args))
+    out = write_coco(data, args.out) if args.dst_format == "coco" else write_yolo(data, args.out)
+    print(
+        f"wrote {len(data.images)} images, {data.num_boxes()} boxes, {len(data.classes)} classes as {args.dst_format} to {out}"
+    )
+    return 0
+
+
+def _cmd_data_stats(args) -> int:
+    import json
+
+    from ..data import read_dataset
+    from ..data.formats import detect_format
+    from ..data.stats import dataset_stats, format_stats
+
+    fmt = args.format or detect_format(args.source)
+    data = read_dataset(args.source, fmt, **_reader_kwargs(fmt, args))
+    stats = dataset_stats(data)
+    print(json.dumps(stats) if args.json else format_stats(stats, str(args.source)))
+    return 0
+
+
+def _cmd_data_synth(args) -> int:
+    import time
+
+    from ..data.synthetic import generate
+
+    start = time.perf_counter()
+    paths = generate(args.out, train=args.train, val=args.val, size=args.size, seed=args.seed)
+    n = args.train + args.val
+    dt = time.perf_counter() - start
+    print(
+        f"SynthSigns: {n} images of {args.size}x{args.size} in {dt:.1f} s ({n / max(dt, 1e-9):.1f} images/s)"
+    )
+    for split, path in paths.items():
+        print(f"  {split}: {path}")
+    return 0
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser(
+        "eval", help="evaluate detections: COCO AP/AR or the TT100K accuracy/recall protocol"
+    )
+    p.add_argument("--format", required=True, choices=["coco", "tt100k"])
+    p.add_argument("--gt", required=True, help="ground truth (COCO JSON or TT100K annotations)")
+    p.add_argument("--dets", required=True, help="COCO results list, or TT100K results layout")
+    p.add_argument("--iou", type=float, default=0.5, help="tt100k: IoU threshold (strictly above)")
+    p.add_argument(
+        "--min-score",
+        type=float,
+        default=None,
+        help="tt100k: score threshold in the detector's units (official: 40)",
+    )
+    p.add_argument(
+        "--classes",
+        default="tt100k45",
+        help="tt100k: tt100k45, all, or a file with one class per line",
+    )
+    p.add_argument("--size-bins", default="coco", choices=["coco", "aitod"])
+    p.add_argument("--max-dets", type=int, default=100)
+    p.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args) -> int:
+    import json
+    from pathlib import Path
+
+    from ..data.formats import TT100K_45, load_json
+    from ..data.records import DataError
+    from ..metrics import coco_metrics, evaluate_tt100k_bins
+
+    gt = load_json(args.gt)
+    dets = load_json(args.dets)
+    if args.format == "coco":
+        if not isinstance(dets, list):
+            raise DataError(f"{args.dets}: COCO results must be a list of detections")
+        m = coco_metrics(gt, dets, size_bins=args.size_bins, max_dets=args.max_dets)
+        per_class = m.pop("per_class")
+        if args.json:
+            print(json.dumps(m))
+            return 0
+        print(
+            f"COCO box metrics ({args.size_bins} size bins, maxDets {args.max_dets}) for {args.dets}"
+        )
+        for k, v in m.items():
+            print(f"  {k:<14} {v:7.3f}")
+        print("per-class AP:")
+        for k, v in per_class.items():
+            print(f"  {k:<14} {v:7.3f}")
+        return 0
+    if not isinstance(dets, dict) or "imgs" not in dets:
+        raise DataError(f"{args.dets}: TT100K results need an 'imgs' object")
+    if args.classes == "tt100k45":
+        classes = list(TT100K_45)
+    elif args.classes == "all":
+        classes = None
+    else:
+        classes = [ln.strip() for ln in Path(args.classes).read_text().splitlines() if ln.strip()]
+    min_score = 40.0 if args.min_score is None else args.min_score
+    res = evaluate_tt100k_bins(gt, dets, iou=args.iou, classes=classes, min_score=min_score)
+    order = ["overall", "small", "medium", "large"]
+    if args.json:
+        print(json.dumps({k: res[k] for k in order}))
+        return 0
+    print(f"TT100K protocol: IoU > {args.iou}, min score {min_score}, classes {args.classes}")
+    print(f"  {'size':<8}{'accuracy':>10}{'recall':>10}{'F1':>10}{'TP':>8}{'dets':>8}{'GT':>8}")
+    for k in order:
+        r = res[k]
+        print(
+            f"  {k:<8}{r['accuracy']:>10.4f}{r['recall']:>10.4f}{r['f1']:>10.4f}{r['tp']:>8}{r['detections']:>8}{r['ground_truth']:>8}"
+        )
+    return 0
+
+
+def register(sub) -> None:
+    """Add this module's commands to the ``efpn`` subparsers."""
+    _add_data(sub)
+    _add_eval(sub)

@@ -1,0 +1,55 @@
+"""``efpn study``: paired FPN-vs-EFPN experiments over seeds and folds."""
+
+from __future__ import annotations
+
+
+def _add_study(sub) -> None:
+    p = sub.add_parser(
+        "study",
+        help="paired FPN vs EFPN runs over seeds (and folds), with 95%% intervals",
+        description=(
+            "Each run trains stage 1 once and checks the premise (FPN at S and 2S); every "
+            "arm trains stages 2-3 from that checkpoint, so its difference to FPN 1x is "
+            "paired. Resumes: finished runs are skipped. Presets: efpn, ext_only, espcn, "
+            "ftt (Table II), lambda0, no_ftt_loss (Table IV), cheap_widths; groups table2, "
+            "table4, cheap."
+        ),
+    )
+    p.add_argument("--config", required=True, help="YAML recipe")
+    p.add_argument("--seeds", type=int, default=3, help="training seeds per fold (default 3)")
+    p.add_argument(
+        "--folds",
+        type=int,
+        default=0,
+        help="K >= 2: K deterministic folds over train+val (small data); 0: the recipe's split",
+    )
+    p.add_argument(
+        "--arm",
+        nargs="+",
+        action="append",
+        metavar="NAME [key=value]",
+        help="an arm: a preset or group name, or a name with config overrides "
+        "(e.g. --arm lam05 distill.lam=0.5); repeatable; default: efpn",
+    )
+    p.add_argument("--out", required=True, help="study folder (resumes when it exists)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_study)
+
+
+def _cmd_study(args) -> int:
+    from ..study import run_study
+
+    run_study(
+        args.config,
+        seeds=args.seeds,
+        folds=args.folds,
+        arms=args.arm,
+        out=args.out,
+        quiet=args.quiet,
+    )
+    return 0
+
+
+def register(sub) -> None:
+    """Add ``efpn study`` to the ``efpn`` subparsers."""
+    _add_study(sub)

@@ -1,0 +1,195 @@
+"""``efpn train``, ``val``, ``predict`` and ``demo``: training and using detectors."""
+
+from __future__ import annotations
+
+from ..config import P2X_MODES
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train", help="train FPN/EFPN: stage 1 baseline, 2 distillation, 3 OHEM head, or all"
+    )
+    p.add_argument("--config", required=True, help="YAML recipe (see configs/)")
+    p.add_argument("--stage", default="all", choices=["1", "2", "3", "all"])
+    p.add_argument("--out", default=None, help="run folder (default runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue from last.pt in the run folder")
+    p.add_argument(
+        "--init",
+        default=None,
+        help="checkpoint to start the stage from (stage 1: a trained detector)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args) -> int:
+    import json
+
+    from ..config import load_config
+    from ..engine.train import Trainer
+
+    cfg = load_config(args.config)
+    trainer = Trainer(cfg, args.out or f"runs/{cfg.name}", quiet=args.quiet)
+    stages = [1, 2, 3] if args.stage == "all" else [int(args.stage)]
+    if args.init and len(stages) == 1:
+        getattr(cfg, f"stage{stages[0]}").init = args.init
+    elif args.init:
+        cfg.stage1.init = args.init
+    metrics = trainer.run(stages, resume=args.resume)
+    if metrics:
+        keys = [
+            "AP",
+            "AP_small",
+            "AP_medium",
+            "AP_large",
+            "AR_small",
+            "f1_small",
+            "seconds_per_image",
+        ]
+        print(json.dumps({k: metrics[k] for k in keys}))
+    return 0
+
+
+def _add_val(sub) -> None:
+    p = sub.add_parser(
+        "val", help="evaluate a checkpoint: COCO per size and TT100K-style accuracy/recall/F1"
+    )
+    p.add_argument("--weights", required=True)
+    p.add_argument(
+        "--data",
+        default=None,
+        help="YAML recipe whose val split to use (default: the checkpoint's)",
+    )
+    p.add_argument(
+        "--score-thresh", type=float, default=0.5, help="threshold of the TT100K-style figures"
+    )
+    p.add_argument(
+        "--scale", type=float, default=1.0, help="test at this input scale (2 = the paper's FPN-2x)"
+    )
+    p.add_argument(
+        "--proposals", type=int, default=None, help="RPN proposals kept per image (default: recipe)"
+    )
+    p.add_argument(
+        "--p2x-mode", default=None, choices=P2X_MODES, help="how P'2 is computed (default: recipe)"
+    )
+    p.add_argument(
+        "--band-rows",
+        type=int,
+        default=None,
+        help="P'2 in bands of this many stride-2 rows, 0 for one pass (default: recipe)",
+    )
+    p.add_argument(
+        "--size-reference",
+        default=None,
+        choices=["source", "model"],
+        help="size bins in the image files' pixels or in the model's at 1x (default: recipe)",
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_val)
+
+
+def _cmd_val(args) -> int:
+    import json
+
+    from ..config import config_from_dict, load_config
+    from ..engine.evaluate import evaluate_model
+    from ..engine.train import load_data, model_from_checkpoint
+    from ..metrics import metric_keys
+
+    overrides = {}
+    if args.proposals is not None:
+        if args.proposals < 1:
+            raise ValueError("--proposals must be at least 1")
+        overrides["rpn_post_nms_top_n_test"] = args.proposals
+    if args.p2x_mode is not None:
+        overrides["p2x_mode"] = args.p2x_mode
+    if args.band_rows is not None:
+        if args.band_rows < 0:
+            raise ValueError("--band-rows must be 0 (one pass) or more")
+        overrides["p2x_band_rows"] = args.band_rows
+    model, ckpt = model_from_checkpoint(args.weights, **overrides)
+    cfg = load_config(args.data) if args.data else config_from_dict(ckpt["config"])
+    _, val = load_data(cfg, None)
+    m = evaluate_model(
+        model,
+        val,
+        scale=args.scale,
+        score_thresh=args.score_thresh,
+        size_reference=args.size_reference or cfg.eval_size_reference,
+    )
+    m.pop("_results", None)
+    if args.json:
+        print(json.dumps(m))
+        return 0
+    print(f"COCO box metrics of {args.weights} on {val.source} ({len(val.images)} images):")
+    for k in metric_keys():
+        print(f"  {k:<10} {m[k]:7.3f}")
+    print(f"TT100K-style at score >= {args.score_thresh}:")
+    print(f"  {'size':<8}{'accuracy':>10}{'recall':>10}{'F1':>10}")
+    for k in ["overall", "small", "medium", "large"]:
+        r = m["tt100k"][k]
+        print(f"  {k:<8}{r['accuracy']:>10.4f}{r['recall']:>10.4f}{r['f1']:>10.4f}")
+    print(
+        f"best F1_small over thresholds: {m['f1_small']:.4f}; {m['seconds_per_image']:.3f} s/image"
+    )
+    if m["p2x_coverage"] is not None:
+        print(f"P'2 computed on {m['p2x_coverage']:.1%} of the stride-2 map (mean per image)")
+    return 0
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser(
+        "predict", help="detect objects in images; draw boxes and write COCO results"
+    )
+    p.add_argument("--weights", required=True)
+    p.add_argument("--source", required=True, help="an image or a folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--score-thresh", type=float, default=0.5)
+    p.add_argument(
+        "--compare", default=None, help="COCO ground truth: colour TP green, FP blue, FN red"
+    )
+    p.set_defaults(func=_cmd_predict)
+
+
+def _cmd_predict(args) -> int:
+    from ..engine.predict import predict
+
+    path = predict(
+        args.weights,
+        args.source,
+        args.out,
+        batch_size=args.batch_size,
+        score_thresh=args.score_thresh,
+        compare=args.compare,
+    )
+    print(f"wrote {path} and the drawings in {path.parent}")
+    return 0
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser(
+        "demo", help="SynthSigns end to end: FPN vs FPN-2x vs EFPN (Table VIII style)"
+    )
+    p.add_argument("--config", default=None, help="recipe (default: the packaged demo recipe)")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument(
+        "--eval-only", action="store_true", help="compare the checkpoints already in --out"
+    )
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args) -> int:
+    from ..demo import run_demo
+
+    run_demo(args.config, args.out, quiet=args.quiet, eval_only=args.eval_only)
+    return 0
+
+
+def register(sub) -> None:
+    """Add this module's commands to the ``efpn`` subparsers."""
+    _add_train(sub)
+    _add_val(sub)
+    _add_predict(sub)
+    _add_demo(sub)

@@ -1,0 +1,464 @@
+"""``efpn study``: paired FPN-vs-EFPN experiments over seeds and folds.
+
+Each run (a seed, or a seed and a fold) trains stage 1 once and checks the premise
+(its FPN at S and 2S). Every arm then trains stages 2-3 from that same stage-1
+checkpoint, so each arm's difference to FPN 1x is paired: the same data, the same
+baseline, only the extension differs. The summary gives mean and standard deviation per
+row, and per arm the paired difference to FPN 1x with a 95% t-interval.
+
+Layout of ``out``::
+
+    study.json              the settings (config, seeds, folds, arms); a resume must match
+    summary.json, summary.md, paired.png
+    <run>/                  seed0, seed1, ... or seed0_fold0, ...
+        stage1/, premise.json                    FPN, and its rows fpn_1x and fpn_2x
+        <arm>/stage2/, <arm>/stage3/, <arm>/metrics.json
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from .config import Config, config_from_dict, load_config
+from .data.records import DetectionData
+
+__all__ = [
+    "PRESETS",
+    "PRESET_GROUPS",
+    "Arm",
+    "fold_data",
+    "paired_stats",
+    "parse_arms",
+    "run_study",
+    "summarize",
+    "t_quantile",
+]
+
+#: the metrics of every row (eval JSON names)
+METRICS = ["AP_small", "AR_small", "AP_medium", "AP_large", "AP", "f1_small", "seconds_per_image"]
+SHORT = {
+    "AP_small": "AP_S",
+    "AR_small": "AR_S",
+    "AP_medium": "AP_M",
+    "AP_large": "AP_L",
+    "AP": "AP",
+    "f1_small": "F1_S",
+    "seconds_per_image": "s/img",
+}
+RESERVED = ("fpn_1x", "fpn_2x")
+
+
+def _cheap_widths(cfg: Config) -> dict[str, Any]:
+    # a quarter of the pyramid's width: 64 at the paper's 256 channels
+    width = max(cfg.model.fpn_channels // 4, 8)
+    return {"model.sr_width": width, "model.ext_out_width": width}
+
+
+#: named arms: the paper's ablations as config overrides (a callable computes them from
+#: the recipe)
+PRESETS: dict[str, Any] = {
+    "efpn": {},
+    # Table II: the extended level alone (nearest upsampling, detection loss only),
+    # ESPCN with distillation, FTT with distillation
+    "ext_only": {"model.sr_module": "nearest", "distill.enabled": False},
+    "espcn": {"model.sr_module": "espcn"},
+    "ftt": {"model.sr_module": "ftt"},
+    # Table IV: no foreground term (lambda 0), no loss on the FTT output P'3
+    "lambda0": {"distill.lam": 0.0},
+    "no_ftt_loss": {"distill.ftt_loss": False},
+    # the cheap widths of `efpn bench --sr-width 64 --ext-out-width 64`
+    "cheap_widths": _cheap_widths,
+}
+PRESET_GROUPS = {
+    "table2": ["ext_only", "espcn", "ftt"],
+    "table4": ["lambda0", "no_ftt_loss"],
+    "cheap": ["cheap_widths"],
+}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass
+class Arm:
+    """One configuration of stages 2-3: a name and its config overrides."""
+
+    name: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` with a YAML scalar or list value (``yaml.safe_load``; nothing is
+    evaluated)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"override {text!r}: expected key=value, e.g. distill.lam=0")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise ValueError(f"override {text!r}: the value is not valid YAML") from None
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any], where: str) -> Config:
+    """A copy of ``cfg`` with dotted-key overrides; an unknown key is an error."""
+    values = copy.deepcopy(cfg.to_dict())
+    for dotted, value in overrides.items():
+        node = values
+        *parents, last = dotted.split(".")
+        for p in parents:
+            if not isinstance(node.get(p), dict):
+                raise ValueError(f"{where}: unknown key {dotted!r}")
+            node = node[p]
+        if last not in node:
+            raise ValueError(f"{where}: unknown key {dotted!r}")
+        node[last] = value
+    return config_from_dict(values, where)
+
+
+def parse_arms(specs: list[list[str]] | None, cfg: Config) -> list[Arm]:
+    """Arms from ``--arm NAME [key=value ...]`` specs.
+
+    A NAME alone is a preset (:data:`PRESETS`) or a group of them
+    (:data:`PRESET_GROUPS`); with ``key=value`` pairs it names a custom arm. No spec
+    gives the one arm ``efpn`` (the recipe as it is).
+    """
+    arms: list[Arm] = []
+    for spec in specs or [["efpn"]]:
+        name, *pairs = spec
+        if not pairs and name in PRESET_GROUPS:
+            arms += [Arm(n, _preset(n, cfg)) for n in PRESET_GROUPS[name]]
+            continue
+        if not _NAME.match(name) or name in RESERVED:
+            raise ValueError(
+                f"--arm {name!r}: a name of letters, digits, '_', '.', '-' other than {RESERVED}"
+            )
+        if not pairs:
+            if name not in PRESETS:
+                raise ValueError(
+                    f"--arm {name!r}: not a preset ({', '.join([*PRESETS, *PRESET_GROUPS])}); "
+                    "give key=value overrides to define it"
+                )
+            arms.append(Arm(name, _preset(name, cfg)))
+        else:
+            arms.append(Arm(name, dict(parse_override(p) for p in pairs)))
+    seen = set()
+    for arm in arms:
+        if arm.name in seen:
+            raise ValueError(f"--arm {arm.name!r} given twice")
+        seen.add(arm.name)
+        apply_overrides(cfg, arm.overrides, f"--arm {arm.name}")  # validates the keys
+    return arms
+
+
+def _preset(name: str, cfg: Config) -> dict[str, Any]:
+    value = PRESETS[name]
+    return dict(value(cfg) if callable(value) else value)
+
+
+# ----------------------------------------------------------------------------- folds
+def fold_data(
+    train: DetectionData, val: DetectionData, fold: int, folds: int, seed: int = 0
+) -> tuple[DetectionData, DetectionData]:
+    """Fold ``fold`` of ``folds`` over train+val: that fold is val, the rest train.
+
+    The images are ordered by file name and shuffled with ``seed``, so the folds depend
+    only on the data. Image ids are renumbered 1..N.
+    """
+    if train.classes != val.classes:
+        raise ValueError(
+            f"{val.source}: its classes {val.classes} differ from {train.source}'s {train.classes}"
+        )
+    if not 0 <= fold < folds or folds < 2:
+        raise ValueError(f"fold {fold} of {folds}: need 2 or more folds and 0 <= fold < folds")
+    root = Path(os.path.commonpath([train.root.resolve(), val.root.resolve()]))
+    records = {}
+    for data in (train, val):
+        for r in data.images:
+            rel = (data.root.resolve() / r.file_name).relative_to(root).as_posix()
+            records.setdefault(rel, copy.copy(r))
+    if len(records) < folds:
+        raise ValueError(f"{len(records)} images cannot make {folds} folds")
+    names = sorted(records)
+    order = np.random.default_rng(seed).permutation(len(names))
+    held = {names[i] for i in order[fold::folds]}
+    parts: dict[bool, list] = {True: [], False: []}
+    for i, name in enumerate(names):
+        r = records[name]
+        r.file_name, r.image_id = name, i + 1
+        parts[name in held].append(r)
+
+    def make(images, tag):
+        return DetectionData(
+            root,
+            list(train.classes),
+            images,
+            source=f"{train.source} fold {fold}/{folds} {tag}",
+            category_ids=list(train.category_ids),
+            eval_classes=train.eval_classes,
+        )
+
+    return make(parts[False], "train"), make(parts[True], "val")
+
+
+# ----------------------------------------------------------------------------- statistics
+def _t_cdf(t: float, df: int) -> float:
+    """Student's t CDF by Simpson integration of the density over [0, |t|]."""
+    n = 2000
+    x = np.linspace(0.0, abs(t), n + 1)
+    logc = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    f = np.exp(logc - (df + 1) / 2 * np.log1p(x * x / df))
+    h = abs(t) / n
+    area = h / 3 * (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum())
+    return 0.5 + math.copysign(area, t)
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The ``p`` quantile of Student's t with ``df`` degrees of freedom (``p`` > 0.5)."""
+    lo, hi = 0.0, 1.0
+    while _t_cdf(hi, df) < p:
+        hi *= 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _t_cdf(mid, df) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def _defined(values: list[float | None]) -> bool:
+    # COCO reports -1 for a size bin without ground truth
+    return bool(values) and all(v is not None and v >= 0 for v in values)
+
+
+def row_stats(values: list[float]) -> dict:
+    """``{"mean", "std", "values"}`` (sample std; ``None`` where undefined)."""
+    if not _defined(values):
+        return {"mean": None, "std": None, "values": values}
+    a = np.asarray(values, dtype=float)
+    std = float(a.std(ddof=1)) if len(a) > 1 else 0.0
+    return {"mean": float(a.mean()), "std": std, "values": values}
+
+
+def paired_stats(arm: list[float], base: list[float]) -> dict:
+    """Paired differences ``arm - base``: ``{"mean", "ci95": [low, high], "values"}``,
+    the interval from Student's t with n-1 degrees of freedom (``None`` for n < 2)."""
+    if not (_defined(arm) and _defined(base)) or len(arm) != len(base):
+        return {"mean": None, "ci95": None, "values": None}
+    d = np.asarray(arm, dtype=float) - np.asarray(base, dtype=float)
+    mean = float(d.mean())
+    ci = None
+    if len(d) > 1:
+        half = t_quantile(0.975, len(d) - 1) * float(d.std(ddof=1)) / math.sqrt(len(d))
+        ci = [mean - half, mean + half]
+    return {"mean": mean, "ci95": ci, "values": [float(v) for v in d]}
+
+
+def summarize(results: dict[str, dict[str, dict]], runs: list[str], arms: list[str]) -> dict:
+    """The study summary from per-run rows ``results[run][row][metric]``."""
+    rows = {}
+    for row in [*RESERVED, *arms]:
+        rows[row] = {m: row_stats([results[r][row][m] for r in runs]) for m in METRICS}
+    paired, paired_2x = {}, {}
+    for arm in arms:
+        paired[arm] = {
+            m: paired_stats(rows[arm][m]["values"], rows["fpn_1x"][m]["values"]) for m in METRICS
+        }
+        paired_2x[arm] = {
+            m: paired_stats(rows[arm][m]["values"], rows["fpn_2x"][m]["values"]) for m in METRICS
+        }
+    return {"runs": runs, "rows": rows, "paired": paired, "paired_fpn_2x": paired_2x}
+
+
+def _fmt(v, digits=3, signed=False):
+    if v is None:
+        return "n/a"
+    return f"{v:+.{digits}f}" if signed else f"{v:.{digits}f}"
+
+
+def format_summary(summary: dict) -> str:
+    """Markdown tables: rows (mean ± std), paired differences with 95% intervals and
+    the per-run values."""
+    head = "| row | " + " | ".join(SHORT[m] for m in METRICS) + " |"
+    sep = "|" + "---|" * (len(METRICS) + 1)
+    lines = [f"runs: {len(summary['runs'])} ({', '.join(summary['runs'])})", "", head, sep]
+    for row, stats in summary["rows"].items():
+        cells = [
+            "n/a" if s["mean"] is None else f"{s['mean']:.3f} ± {s['std']:.3f}"
+            for s in (stats[m] for m in METRICS)
+        ]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    for key, base in (("paired", "FPN 1x"), ("paired_fpn_2x", "FPN 2x")):
+        lines += [
+            "",
+            f"Paired difference to {base}: mean [95% t-interval]",
+            "",
+            head.replace("row", "arm"),
+            sep,
+        ]
+        for arm, stats in summary[key].items():
+            cells = []
+            for m in METRICS:
+                s = stats[m]
+                ci = (
+                    ""
+                    if not s["ci95"]
+                    else f" [{_fmt(s['ci95'][0], signed=True)}, {_fmt(s['ci95'][1], signed=True)}]"
+                )
+                cells.append(_fmt(s["mean"], signed=True) + ci)
+            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    rows = list(summary["rows"])
+    for m in ("AP_small", "AP"):
+        lines += [
+            "",
+            f"Per run, {m}:",
+            "",
+            "| run | " + " | ".join(rows) + " |",
+            "|" + "---|" * (len(rows) + 1),
+        ]
+        for i, run in enumerate(summary["runs"]):
+            vals = [_fmt(summary["rows"][r][m]["values"][i]) for r in rows]
+            lines.append(f"| {run} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- running
+def _say(msg: str) -> None:
+    print(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}", flush=True)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _write_json(path: Path, value: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    tmp.replace(path)
+
+
+def run_study(
+    config: str | Path,
+    *,
+    seeds: int,
+    out: str | Path,
+    folds: int = 0,
+    arms: list[list[str]] | None = None,
+    quiet: bool = False,
+) -> dict:
+    """Run (or resume) a study and write its summary; returns ``summary.json``'s content.
+
+    Args:
+        config: the recipe.
+        seeds: how many training seeds (the recipe's ``seed``, +1, +2, ...).
+        out: the study folder.
+        folds: 0 for the recipe's split; K >= 2 for K folds over train+val.
+        arms: ``--arm`` specs (:func:`parse_arms`); ``None`` gives the arm ``efpn``.
+        quiet: no progress bars from the trainer.
+    """
+    from .engine.evaluate import evaluate_model
+    from .engine.premise import ROW_KEYS
+    from .engine.train import Trainer, load_data, model_from_checkpoint
+
+    if seeds < 1:
+        raise ValueError(f"--seeds must be 1 or more, got {seeds}")
+    if folds == 1 or folds < 0:
+        raise ValueError(f"--folds must be 0 (the recipe's split) or 2 or more, got {folds}")
+    base = load_config(config)
+    arm_list = parse_arms(arms, base)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "config": base.to_dict(),
+        "config_path": str(config),
+        "seeds": seeds,
+        "folds": folds,
+        "arms": {a.name: a.overrides for a in arm_list},
+    }
+    previous = _read_json(out / "study.json")
+    if previous is not None and previous.get("config") != settings["config"]:
+        raise ValueError(
+            f"{out}: holds a study of another recipe; give a new --out or remove {out / 'study.json'}"
+        )
+    if previous is not None:  # arms may be added to a study; earlier ones keep their runs
+        for name, ov in previous.get("arms", {}).items():
+            if name in settings["arms"] and settings["arms"][name] != ov:
+                raise ValueError(f"{out}: arm {name!r} was run with other overrides {ov}")
+    _write_json(out / "study.json", settings)
+
+    train, val = load_data(base, out.parent if base.data.format == "synth" else None)
+    runs = [(base.seed + s, k) for s in range(seeds) for k in (range(folds) if folds else [None])]
+    names = [f"seed{s}" if k is None else f"seed{s}_fold{k}" for s, k in runs]
+    trainer_quiet = quiet or not sys.stderr.isatty()
+    results: dict[str, dict] = {}
+    total = len(runs) * (1 + len(arm_list))
+    done = 0
+    start = time.perf_counter()
+    for (seed, fold), name in zip(runs, names):
+        rdir = out / name
+        data = (train, val) if fold is None else fold_data(train, val, fold, folds)
+        cfg = apply_overrides(base, {"seed": seed}, f"{name}")
+        premise = _read_json(rdir / "premise.json")
+        done += 1
+        if premise is None:
+            _say(f"[{done}/{total}] {name}: stage 1 (FPN) and the premise check")
+            trainer = Trainer(cfg, rdir, quiet=trainer_quiet, data=data)
+            best = trainer.run_stage(1, resume=True)
+            trainer.check_premise(best)
+            premise = _read_json(rdir / "premise.json")
+        else:
+            _say(f"[{done}/{total}] {name}: stage 1 done ({premise['message']})")
+        results[name] = {"fpn_1x": premise["fpn_1x"], "fpn_2x": premise["fpn_2x"]}
+        for arm in arm_list:
+            adir = rdir / arm.name
+            done += 1
+            metrics = _read_json(adir / "metrics.json")
+            if metrics is None:
+                _say(f"[{done}/{total}] {name}/{arm.name}: stages 2-3 {arm.overrides or ''}")
+                acfg = apply_overrides(cfg, arm.overrides, f"--arm {arm.name}")
+                trainer = Trainer(acfg, adir, quiet=trainer_quiet, data=data)
+                trainer.run_stage(2, resume=True, init=rdir / "stage1" / "best.pt")
+                best = trainer.run_stage(3, resume=True)
+                model, _ = model_from_checkpoint(best, trainer.device)
+                m = evaluate_model(
+                    model,
+                    data[1],
+                    device=trainer.device,
+                    score_thresh=acfg.eval_score_thresh,
+                    size_reference=acfg.eval_size_reference,
+                    quiet=trainer_quiet,
+                )
+                metrics = {k: m[k] for k in ROW_KEYS}
+                metrics["p2x_coverage"] = m["p2x_coverage"]
+                _write_json(adir / "metrics.json", metrics)
+                _say(
+                    f"{name}/{arm.name}: AP_small {metrics['AP_small']:.3f} "
+                    f"(FPN 1x {premise['fpn_1x']['AP_small']:.3f}, 2x {premise['fpn_2x']['AP_small']:.3f})"
+                )
+            else:
+                _say(f"[{done}/{total}] {name}/{arm.name}: done")
+            results[name][arm.name] = metrics
+    summary = summarize(results, names, [a.name for a in arm_list])
+    summary["premise"] = {n: _read_json(out / n / "premise.json")["delta_AP_small"] for n in names}
+    summary["settings"] = {k: v for k, v in settings.items() if k != "config"}
+    _write_json(out / "summary.json", summary)
+    table = format_summary(summary)
+    (out / "summary.md").write_text(table + "\n")
+    from .viz import plot_paired
+
+    plot_paired(summary, out / "paired.png")
+    _say(
+        f"study of {len(names)} run(s) x {len(arm_list)} arm(s) in {out} ({time.perf_counter() - start:.0f} s this call)"
+    )
+    print(table, flush=True)
+    return summary

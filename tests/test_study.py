@@ -1,0 +1,200 @@
+"""efpn study: arms, folds, paired statistics, the premise check and a resumable run."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from efpn.study import (
+    fold_data,
+    paired_stats,
+    parse_arms,
+    row_stats,
+    t_quantile,
+)
+
+
+@pytest.mark.parametrize(
+    "df, q", [(1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622), (30, 2.0423)]
+)
+def test_t_quantile_matches_the_tables(df, q):
+    assert t_quantile(0.975, df) == pytest.approx(q, abs=2e-4)
+
+
+def test_paired_stats_hand_computed():
+    s = paired_stats([0.3, 0.4, 0.5], [0.1, 0.3, 0.2])
+    assert s["values"] == pytest.approx([0.2, 0.1, 0.3])
+    assert s["mean"] == pytest.approx(0.2)
+    half = 4.302653 * 0.1 / np.sqrt(3)  # sd of the differences is 0.1
+    assert s["ci95"] == pytest.approx([0.2 - half, 0.2 + half], abs=1e-5)
+    assert paired_stats([0.3], [0.1])["ci95"] is None  # one run: no interval
+    # a size bin without objects (COCO's -1) has no statistics, not a fake number
+    assert paired_stats([-1.0, -1.0], [0.2, 0.1])["mean"] is None
+    assert row_stats([-1.0, 0.5])["mean"] is None
+    r = row_stats([0.1, 0.3])
+    assert r["mean"] == pytest.approx(0.2) and r["std"] == pytest.approx(np.sqrt(0.02))
+
+
+def test_parse_arms_presets_groups_and_overrides(tiny_cfg):
+    cfg = tiny_cfg()
+    assert [(a.name, a.overrides) for a in parse_arms(None, cfg)] == [("efpn", {})]
+    arms = parse_arms([["table2"], ["table4"], ["cheap"], ["lam05", "distill.lam=0.5"]], cfg)
+    by = {a.name: a.overrides for a in arms}
+    assert list(by) == [
+        "ext_only",
+        "espcn",
+        "ftt",
+        "lambda0",
+        "no_ftt_loss",
+        "cheap_widths",
+        "lam05",
+    ]
+    assert by["ext_only"] == {"model.sr_module": "nearest", "distill.enabled": False}
+    assert by["lam05"] == {"distill.lam": 0.5}
+    assert by["cheap_widths"]["model.ext_out_width"] == cfg.model.fpn_channels // 4
+    with pytest.raises(ValueError, match="unknown key 'distill.lamda'"):
+        parse_arms([["x", "distill.lamda=0"]], cfg)
+    with pytest.raises(ValueError, match="not a preset"):
+        parse_arms([["nosuch"]], cfg)
+    with pytest.raises(ValueError, match="given twice"):
+        parse_arms([["efpn"], ["efpn"]], cfg)
+    with pytest.raises(ValueError, match="other than"):
+        parse_arms([["fpn_1x", "distill.lam=0"]], cfg)
+    with pytest.raises(ValueError, match="key=value"):
+        parse_arms([["x", "distill.lam"]], cfg)
+
+
+def _data(root, names, classes=("a", "b")):
+    from efpn.data.records import DetectionData, ImageRecord
+
+    recs = [
+        ImageRecord(n, 10, 10, np.array([[1.0, 1, 5, 5]]), np.array([0]), image_id=i + 1)
+        for i, n in enumerate(names)
+    ]
+    return DetectionData(root, list(classes), recs, source=str(root))
+
+
+def test_folds_partition_train_and_val_deterministically(tmp_path):
+    train = _data(tmp_path, [f"t{i}.png" for i in range(8)])
+    val = _data(tmp_path, [f"v{i}.png" for i in range(3)])
+    seen = []
+    for k in range(3):
+        tr, va = fold_data(train, val, k, 3)
+        names_tr = {r.file_name for r in tr.images}
+        names_va = {r.file_name for r in va.images}
+        assert not names_tr & names_va and len(names_tr | names_va) == 11
+        assert len({r.image_id for r in tr.images + va.images}) == 11
+        seen += sorted(names_va)
+        again = fold_data(train, val, k, 3)[1]
+        assert sorted(r.file_name for r in again.images) == sorted(names_va)
+    assert sorted(seen) == sorted([f"t{i}.png" for i in range(8)] + [f"v{i}.png" for i in range(3)])
+    with pytest.raises(ValueError, match="classes"):
+        fold_data(train, _data(tmp_path, ["x.png"], classes=("a", "c")), 0, 2)
+
+
+def test_premise_message_says_whether_2x_helps():
+    from efpn.engine.premise import premise_message
+
+    line, holds = premise_message({"AP_small": 0.20}, {"AP_small": 0.25}, 256)
+    assert holds and "+5.0 points" in line and "512 px (2x)" in line
+    line, holds = premise_message({"AP_small": 0.20}, {"AP_small": 0.19}, 256)
+    assert not holds and "does NOT hold" in line
+
+
+class _Oracle(torch.nn.Module):
+    """Returns the ground truth of each image as its detections."""
+
+    def __init__(self, boxes, min_size, max_size):
+        super().__init__()
+        from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+        self.transform = GeneralizedRCNNTransform(min_size, max_size, [0.0] * 3, [1.0] * 3)
+        self.boxes = boxes
+
+    def forward(self, images):
+        return [
+            {
+                "boxes": self.boxes.clone(),
+                "scores": torch.ones(len(self.boxes)),
+                "labels": torch.ones(len(self.boxes), dtype=torch.long),
+            }
+            for _ in images
+        ]
+
+
+def test_size_reference_model_bins_objects_by_the_pixels_the_model_sees(tmp_path):
+    from efpn.data.records import DetectionData, ImageRecord
+    from efpn.engine.evaluate import evaluate_model
+
+    Image.fromarray(np.zeros((200, 200, 3), np.uint8)).save(tmp_path / "a.png")
+    boxes = np.array([[10.0, 10.0, 50.0, 50.0]])  # 40 px in the file: COCO medium
+    data = DetectionData(tmp_path, ["x"], [ImageRecord("a.png", 200, 200, boxes, np.array([0]), 1)])
+    oracle = _Oracle(torch.tensor(boxes, dtype=torch.float32), 100, 100)  # the model sees 0.5x
+    src = evaluate_model(oracle, data, quiet=True, size_reference="source")
+    assert src["AP_medium"] == pytest.approx(1.0) and src["AP_small"] == -1
+    mod = evaluate_model(oracle, data, quiet=True, size_reference="model", scale=2.0)
+    assert mod["AP_small"] == pytest.approx(1.0) and mod["AP_medium"] == -1  # 20 px at 1x
+    # the written results stay in the image files' pixels
+    assert mod["_results"][0]["bbox"] == pytest.approx([10.0, 10.0, 40.0, 40.0])
+
+
+@pytest.fixture(scope="module")
+def study_run(tmp_path_factory):
+    from conftest import write_tiny_config
+    from efpn.cli import main
+
+    root = tmp_path_factory.mktemp("study")
+    cfg = write_tiny_config(root, **{"distill.teacher_mode": "upsample_teacher"})
+    args = ["study", "--config", str(cfg), "--seeds", "2", "--out", str(root / "s"), "--quiet"]
+    assert main([*args, "--arm", "efpn", "--arm", "lam0", "distill.lam=0"]) == 0
+    return root, args
+
+
+def test_study_pairs_every_arm_with_its_own_stage1(study_run):
+    root, _ = study_run
+    out = root / "s"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["runs"] == ["seed0", "seed1"]
+    assert set(summary["rows"]) == {"fpn_1x", "fpn_2x", "efpn", "lam0"}
+    for run in summary["runs"]:
+        premise = json.loads((out / run / "premise.json").read_text())
+        assert {"holds", "delta_AP_small", "fpn_1x", "fpn_2x", "message"} <= set(premise)
+        assert (out / run / "stage1" / "best.pt").exists()
+        for arm in ("efpn", "lam0"):
+            assert (out / run / arm / "stage3" / "best.pt").exists()
+            assert not (out / run / arm / "stage1").exists()  # stage 1 is shared
+    rows, paired = summary["rows"], summary["paired"]
+    for m in ("AP_small", "AP", "f1_small"):
+        assert len(rows["efpn"][m]["values"]) == 2
+        diff = np.subtract(rows["efpn"][m]["values"], rows["fpn_1x"][m]["values"])
+        assert paired["efpn"][m]["values"] == pytest.approx(diff.tolist())
+        ci = paired["efpn"][m]["ci95"]
+        assert ci[0] <= paired["efpn"][m]["mean"] <= ci[1]
+    # the two seeds trained different baselines
+    s0 = torch.load(out / "seed0" / "stage1" / "best.pt", weights_only=True)["model"]
+    s1 = torch.load(out / "seed1" / "stage1" / "best.pt", weights_only=True)["model"]
+    assert any(not torch.equal(s0[k], s1[k]) for k in s0 if s0[k].is_floating_point())
+    assert (out / "paired.png").exists() and "Paired difference" in (out / "summary.md").read_text()
+
+
+def test_study_resumes_without_training_again(study_run, monkeypatch):
+    from efpn.cli import main
+    from efpn.engine import train as train_mod
+
+    root, args = study_run
+    before = json.loads((root / "s" / "summary.json").read_text())
+
+    def refuse(*a, **k):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(train_mod.Trainer, "run_stage", refuse)
+    assert main([*args, "--arm", "efpn", "--arm", "lam0", "distill.lam=0"]) == 0
+    after = json.loads((root / "s" / "summary.json").read_text())
+    assert after["rows"] == before["rows"]
+    # another arm's overrides under a used name, or another recipe, are refused
+    assert main([*args, "--arm", "lam0", "distill.lam=0.5"]) == 2
+    other = root / "other.yaml"
+    other.write_text((root / "cfg.yaml").read_text().replace("epochs: 1", "epochs: 2", 1))
+    assert main(["study", "--config", str(other), "--seeds", "1", "--out", str(root / "s")]) == 2
