@@ -198,3 +198,17 @@ def test_study_resumes_without_training_again(study_run, monkeypatch):
     other = root / "other.yaml"
     other.write_text((root / "cfg.yaml").read_text().replace("epochs: 1", "epochs: 2", 1))
     assert main(["study", "--config", str(other), "--seeds", "1", "--out", str(root / "s")]) == 2
+
+
+def test_coco_ap_counts_only_the_evaluated_classes(tmp_path):
+    from efpn.data.records import DetectionData, ImageRecord
+    from efpn.engine.evaluate import evaluate_model
+
+    Image.fromarray(np.zeros((100, 100, 3), np.uint8)).save(tmp_path / "a.png")
+    boxes = np.array([[10.0, 10.0, 30.0, 30.0], [50.0, 50.0, 70.0, 70.0]])
+    rec = ImageRecord("a.png", 100, 100, boxes, np.array([0, 1]), 1)
+    oracle = _Oracle(torch.tensor(boxes[:1], dtype=torch.float32), 100, 100)  # finds x only
+    both = DetectionData(tmp_path, ["x", "other"], [rec])
+    assert evaluate_model(oracle, both, quiet=True)["AP"] == pytest.approx(0.5)
+    only_x = DetectionData(tmp_path, ["x", "other"], [rec], eval_classes=["x"])
+    assert evaluate_model(oracle, only_x, quiet=True)["AP"] == pytest.approx(1.0)

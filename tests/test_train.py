@@ -1,5 +1,6 @@
 import json
 import pickle
+import re
 
 import pytest
 import torch
@@ -184,3 +185,101 @@ def test_p2x_stride_is_known_for_small_inputs():
         for h, w in [(33, 200), (40, 61), (50, 50), (67, 90)]:
             out = model([torch.rand(3, h, w)])[0]
             assert out["boxes"].shape[-1] == 4
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("stage1.optim.lr", float("nan"), "stage1.optim.lr: expected a finite number"),
+        ("stage2.optim.lr", -0.1, "stage2.optim.lr must be positive"),
+        ("stage1.optim.epochs", 1.5, "stage1.optim.epochs: expected a whole number"),
+        ("stage1.optim.epochs", "three", "stage1.optim.epochs: expected a whole number"),
+        ("stage3.optim.epochs", 0, "stage3.optim.epochs must be 1 or more"),
+        ("stage1.optim.batch_size", 0, "stage1.optim.batch_size must be 1 or more"),
+        ("model.min_size", "big", "model.min_size: expected a whole number"),
+        ("distill.teacher_mode", "other", "distill.teacher_mode must be"),
+        ("name", "../../x", "name must be a plain folder name"),
+        ("stage1.optim.lr2", 1, "unknown key 'stage1.optim.lr2'"),
+    ],
+)
+def test_recipe_values_are_checked_when_loaded(tiny_cfg, key, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)) as err:
+        tiny_cfg(**{key: value})
+    assert "cfg.yaml" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_recipe_accepts_exponent_strings_and_refuses_a_missing_gpu(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(**{"stage1.optim.lr": "1e-3"})  # YAML 1.1 reads 1e-3 as a string
+    assert cfg.stage1.optim.lr == pytest.approx(1e-3)
+    if not torch.cuda.is_available():
+        cfg.device = "cuda"
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            Trainer(cfg, tmp_path / "run", quiet=True)
+
+
+def test_ctrl_c_mid_step_resumes_exactly(tmp_path, tiny_cfg, monkeypatch):
+    import os
+    import signal
+
+    from efpn.engine import train as train_mod
+
+    cfg = tiny_cfg(**{"stage1.optim.epochs": 2, "data.synth_train": 6, "checkpoint_every": 0})
+    full = Trainer(cfg, tmp_path / "full", quiet=True)
+    full.run_stage(1)
+
+    original = train_mod.StageLoss.forward
+    calls = {"n": 0}
+
+    def interrupting_forward(self, images, targets):
+        out = original(self, images, targets)  # batch norm statistics already updated
+        calls["n"] += 1
+        if calls["n"] == 4:  # inside step 4, mid epoch 2 (3 steps per epoch)
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(train_mod.StageLoss, "forward", interrupting_forward)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, tmp_path / "part", quiet=True).run_stage(1)
+    monkeypatch.setattr(train_mod.StageLoss, "forward", original)
+    assert load_checkpoint(tmp_path / "part" / "stage1" / "last.pt")["step"] == 4  # finished
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    Trainer(cfg, tmp_path / "part", quiet=True).run_stage(1, resume=True)
+    a = load_checkpoint(tmp_path / "full" / "stage1" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "part" / "stage1" / "last.pt")["model"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_every_recipe_key_is_documented():
+    import dataclasses
+    from pathlib import Path
+
+    from efpn.config import Config
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
+
+    def keys(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            default = (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            )
+            if dataclasses.is_dataclass(default):
+                yield from keys(type(default), "optim." if f.name == "optim" else "")
+            else:
+                yield prefix + f.name
+
+    missing = sorted({k for k in keys(Config) if f"`{k}`" not in doc})
+    assert not missing, f"docs/config.md does not document {missing}"
+
+
+def test_logs_without_a_terminal_are_timestamped_lines(tmp_path, tiny_cfg, capsys):
+    cfg = tiny_cfg(**{"log_every": 1})
+    Trainer(cfg, tmp_path / "run", quiet=False).run_stage(1)  # pytest's streams are no tty
+    out = capsys.readouterr()
+    lines = [ln for ln in out.out.splitlines() if "stage 1" in ln]
+    assert any(
+        re.match(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] stage 1 epoch 1/1 step 1/2 loss", ln)
+        for ln in lines
+    )
+    assert any("stage 1 epoch 1: AP" in ln for ln in lines)
+    assert "\r" not in out.out + out.err

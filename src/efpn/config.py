@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,34 +139,143 @@ class Config:
     # after stage 1, evaluate its FPN at S and 2S and write premise.json
     premise_check: bool = True
     checkpoint_every: int = 200
+    # without a terminal, print a timestamped progress line every this many steps
     log_every: int = 10
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def _build(cls, values: dict, where: str):
+def _build(cls, values: dict, where: str, prefix: str = ""):
     if not isinstance(values, dict):
-        raise ValueError(f"{where}: expected a mapping, got {type(values).__name__}")
+        raise ValueError(
+            f"{where}: {prefix.rstrip('.') or 'the recipe'}: expected a mapping, got {type(values).__name__}"
+        )
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
         if key not in fields:
-            raise ValueError(f"{where}: unknown key {key!r} (expected one of {', '.join(fields)})")
+            raise ValueError(
+                f"{where}: unknown key {prefix + str(key)!r} (expected one of {', '.join(fields)})"
+            )
         default = (
             fields[key].default_factory()
             if fields[key].default_factory is not dataclasses.MISSING
             else fields[key].default
         )
         if dataclasses.is_dataclass(default):
-            kwargs[key] = _build(type(default), value or {}, f"{where}.{key}")
+            kwargs[key] = _build(type(default), value or {}, where, f"{prefix}{key}.")
         else:
-            kwargs[key] = value
+            kwargs[key] = _coerce(value, str(fields[key].type), f"{where}: {prefix}{key}")
     return cls(**kwargs)
 
 
+def _coerce(value: Any, kind: str, where: str) -> Any:
+    """Check a recipe value against its field's annotation; numbers that YAML reads as
+    strings (``1e-3``) become floats. Errors name the key."""
+    optional = kind.endswith("| None")
+    base = kind.replace("| None", "").strip()
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{where}: a value is required (got null)")
+    if base == "float":
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"{where}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"{where}: expected a finite number, got {value!r}")
+        return float(value)
+    if base == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where}: expected a whole number, got {value!r}")
+        return value
+    if base == "bool":
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if base == "str":
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: expected a string, got {value!r}")
+        return value
+    if base.startswith("list["):
+        if not isinstance(value, list):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        item = base[5:-1]
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+#: ``(key, rule, message)``: the checks a recipe's values must pass beyond their types
+_RULES = [
+    ("seed", lambda v: v >= 0, "must be 0 or more"),
+    ("model.min_size", lambda v: v >= 1, "must be 1 or more"),
+    ("model.max_size", lambda v: v >= 1, "must be 1 or more"),
+    ("model.small_roi_size", lambda v: v >= 0, "must be 0 or more"),
+    ("model.resize_scale", lambda v: v is None or v > 0, "must be positive"),
+    ("model.p2x_mode", lambda v: v in P2X_MODES, f"must be one of {P2X_MODES}"),
+    ("model.merge", lambda v: v in ("exclusive", "duplicate"), "must be exclusive or duplicate"),
+    (
+        "model.sr_module",
+        lambda v: v in ("ftt", "espcn", "nearest"),
+        "must be ftt, espcn or nearest",
+    ),
+    ("model.norm_layer", lambda v: v in ("frozen", "batchnorm"), "must be frozen or batchnorm"),
+    ("data.scale_jitter", lambda v: all(s >= 1 for s in v), "sizes must be 1 or more"),
+    (
+        "distill.teacher_mode",
+        lambda v: v in ("upsample_teacher", "downsample_student"),
+        "must be upsample_teacher or downsample_student",
+    ),
+    ("distill.lam", lambda v: v >= 0, "must be 0 or more"),
+    ("eval_score_thresh", lambda v: 0 <= v <= 1, "must be within [0, 1]"),
+    ("eval_size_reference", lambda v: v in ("source", "model"), "must be source or model"),
+    ("checkpoint_every", lambda v: v >= 0, "must be 0 or more"),
+    (
+        "name",
+        lambda v: _SAFE_NAME.match(v) is not None,
+        "must be a plain folder name (letters, digits, _ . -)",
+    ),
+]
+_OPTIM_RULES = [
+    ("lr", lambda v: v > 0, "must be positive"),
+    ("epochs", lambda v: v >= 1, "must be 1 or more"),
+    ("batch_size", lambda v: v >= 1, "must be 1 or more"),
+    ("warmup_iters", lambda v: v >= 0, "must be 0 or more"),
+    ("momentum", lambda v: v >= 0, "must be 0 or more"),
+    ("weight_decay", lambda v: v >= 0, "must be 0 or more"),
+    ("max_bad_steps", lambda v: v >= 1, "must be 1 or more"),
+    ("optimizer", lambda v: v in ("sgd", "adamw"), "must be sgd or adamw"),
+    ("schedule", lambda v: v in ("step", "cosine"), "must be step or cosine"),
+]
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def validate(cfg: Config, where: str = "config") -> Config:
+    """Check the values of a recipe; the error names the key."""
+
+    def get(dotted):
+        node = cfg
+        for part in dotted.split("."):
+            node = getattr(node, part)
+        return node
+
+    rules = list(_RULES)
+    for stage in ("stage1", "stage2", "stage3"):
+        rules += [(f"{stage}.optim.{k}", rule, msg) for k, rule, msg in _OPTIM_RULES]
+    for key, rule, msg in rules:
+        value = get(key)
+        if not rule(value):
+            raise ValueError(f"{where}: {key} {msg}, got {value!r}")
+    return cfg
+
+
 def config_from_dict(values: dict, where: str = "config") -> Config:
-    return _build(Config, values or {}, where)
+    return validate(_build(Config, values or {}, where), where)
 
 
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Config:

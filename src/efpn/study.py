@@ -22,7 +22,6 @@ import json
 import math
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -399,7 +398,7 @@ def run_study(
     train, val = load_data(base, out.parent if base.data.format == "synth" else None)
     runs = [(base.seed + s, k) for s in range(seeds) for k in (range(folds) if folds else [None])]
     names = [f"seed{s}" if k is None else f"seed{s}_fold{k}" for s, k in runs]
-    trainer_quiet = quiet or not sys.stderr.isatty()
+    trainer_quiet = quiet
     results: dict[str, dict] = {}
     total = len(runs) * (1 + len(arm_list))
     done = 0

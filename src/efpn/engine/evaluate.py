@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 
 import numpy as np
@@ -70,7 +71,10 @@ def _predict(model, data, device, batch_size, quiet):
     )
     results, seconds, coverage = [], 0.0, []
     for images, targets in tqdm(
-        loader, desc="eval", leave=False, disable=quiet or not dist_utils.is_main()
+        loader,
+        desc="eval",
+        leave=False,
+        disable=quiet or not dist_utils.is_main() or not sys.stderr.isatty(),
     ):
         images = [img.to(device) for img in images]
         if torch.device(device).type == "cuda":
@@ -121,6 +125,19 @@ def rescale_coco(gt: dict, results: list[dict], factors: dict) -> tuple[dict, li
         anns.append({**a, "bbox": box(a["bbox"], f), "area": a["area"] * f * f})
     res = [{**r, "bbox": box(r["bbox"], factors[r["image_id"]])} for r in results]
     return {**gt, "images": images, "annotations": anns}, res
+
+
+def only_classes(gt: dict, results: list[dict], names: list[str]) -> tuple[dict, list[dict]]:
+    """Ground truth and results restricted to the categories named ``names``."""
+    keep = {c["id"] for c in gt["categories"] if c["name"] in set(names)}
+    return (
+        {
+            **gt,
+            "categories": [c for c in gt["categories"] if c["id"] in keep],
+            "annotations": [a for a in gt["annotations"] if a["category_id"] in keep],
+        },
+        [r for r in results if r["category_id"] in keep],
+    )
 
 
 def best_f1(gt_tt: dict, res_tt: dict, size_range, classes=None, steps: int = 50) -> dict:
@@ -177,6 +194,8 @@ def evaluate_model(
     gt, raw_results = to_coco_dict(data), results
     if factors is not None:
         gt, results = rescale_coco(gt, results, factors)
+    if data.eval_classes is not None:  # COCO AP over the evaluated classes only
+        gt, results = only_classes(gt, results, data.eval_classes)
     metrics = coco_metrics(gt, results)
     gt_tt, res_tt = coco_gt_to_tt100k(gt), coco_results_to_tt100k(gt, results)
     classes = data.eval_classes

@@ -7,6 +7,9 @@ import json
 import logging
 import math
 import signal
+import sys
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -291,12 +294,22 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(out)
         self.quiet = quiet
+        self.tty = sys.stderr.isatty()
         self.stop_after_steps = stop_after_steps
         self.distributed, local_rank = dist_utils.init()
         if cfg.device == "auto":
             self.device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
         else:
-            self.device = torch.device(cfg.device)
+            try:
+                self.device = torch.device(cfg.device)
+            except RuntimeError:
+                raise ValueError(
+                    f"device {cfg.device!r}: not a torch device (auto, cpu, cuda, cuda:1)"
+                ) from None
+            if self.device.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(
+                    f"device {cfg.device!r}: no CUDA GPU here; use device: auto or cpu"
+                )
         if data is None:
             data = load_data(cfg, self.out.parent if cfg.data.format == "synth" else None)
         self.train_data, self.val_data = data
@@ -454,6 +467,31 @@ class Trainer:
         bad = 0
         interrupted = False
         previous = signal.getsignal(signal.SIGINT)
+        # Ctrl-C finishes the step under way, then saves: a checkpoint taken mid-step
+        # would hold batch-norm statistics and RNG state of a step it does not count.
+        stop = {"requested": False, "saved": False}
+
+        def on_sigint(signum, frame):
+            if stop["requested"]:  # a second Ctrl-C stops at once; last.pt stays as saved
+                raise KeyboardInterrupt
+            stop["requested"] = True
+            if dist_utils.is_main():
+                log.warning(
+                    "interrupt: finishing this step, then saving (Ctrl-C again to stop now)"
+                )
+
+        def stop_if_requested(at_epoch: int) -> None:
+            if self.distributed:  # every rank stops after the same step
+                flag = torch.tensor([float(stop["requested"])], device=self.device)
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                stop["requested"] = bool(flag.item())
+            if stop["requested"]:
+                save("last.pt", at_epoch)
+                stop["saved"] = True
+                raise KeyboardInterrupt
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, on_sigint)
         try:
             for epoch in range(start_epoch, o.epochs):
                 model.train()
@@ -462,7 +500,7 @@ class Trainer:
                 bar = tqdm(
                     loader,
                     desc=f"stage {stage} epoch {epoch + 1}/{o.epochs}",
-                    disable=self.quiet or not dist_utils.is_main(),
+                    disable=self.quiet or not self.tty or not dist_utils.is_main(),
                     leave=False,
                 )
                 for images, targets in bar:
@@ -514,7 +552,12 @@ class Trainer:
                         {k: float(v.detach()) for k, v in losses.items() if k in LOSS_COLUMNS}
                     )
                     rows.append(row)
-                    if not self.quiet:
+                    if self._log_lines and step % max(cfg.log_every, 1) == 0:
+                        self._say(
+                            f"stage {stage} epoch {epoch + 1}/{o.epochs} step {step}/{total} "
+                            f"loss {row['loss']:.4f} lr {row['lr']:.3g}"
+                        )
+                    elif not self.quiet and self.tty:
                         bar.set_postfix(
                             {
                                 k: f"{v:.3f}"
@@ -535,6 +578,7 @@ class Trainer:
                     if self.stop_after_steps is not None and step >= self.stop_after_steps:
                         save("last.pt", epoch)
                         return sdir / "last.pt"
+                    stop_if_requested(epoch)
                 metrics = evaluate_model(
                     model,
                     self.val_data,
@@ -557,18 +601,26 @@ class Trainer:
                     )
                     score = metrics["AP_small"]
                     if not self.quiet:
-                        tqdm.write(
+                        self._say(
                             f"stage {stage} epoch {epoch + 1}: AP {metrics['AP']:.3f} AP_small {score:.3f} AR_small {metrics['AR_small']:.3f}"
                         )
                     if score > best or not (sdir / "best.pt").exists():
                         best = max(score, best)
                         save("best.pt", epoch + 1)
                 save("last.pt", epoch + 1)
+                stop_if_requested(epoch + 1)
         except KeyboardInterrupt:
             interrupted = True
-            save("last.pt", epoch)
             if dist_utils.is_main():
-                log.warning(f"interrupted: saved {sdir / 'last.pt'}; continue with --resume")
+                if stop["saved"]:
+                    log.warning(
+                        f"interrupted: saved {sdir / 'last.pt'} at step {step}; continue with --resume"
+                    )
+                else:
+                    log.warning(
+                        f"interrupted mid-step: {sdir / 'last.pt'} holds the last saved step; "
+                        "continue with --resume"
+                    )
             raise
         finally:
             signal.signal(signal.SIGINT, previous)
@@ -578,6 +630,18 @@ class Trainer:
 
                 plot_losses(rows, sdir / "losses.png", title=f"stage {stage}")
         return sdir / "best.pt"
+
+    @property
+    def _log_lines(self) -> bool:
+        # without a terminal, progress bars become \r-joined noise: print lines instead
+        return not self.quiet and not self.tty and dist_utils.is_main()
+
+    def _say(self, msg: str) -> None:
+        """A progress line: timestamped when the output is not a terminal."""
+        if self.tty:
+            tqdm.write(msg)
+        else:
+            print(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}", flush=True)
 
     def _initialise(self, model: nn.Module, stage: int, path: Path) -> None:
         """Stage 1 from a trained detector (torchvision or ours; a predictor of another
