@@ -171,3 +171,91 @@ def test_demo_table_prints_na_for_sizes_without_objects():
     cells = [c.strip() for c in lines[2].split("|")[1:-1]]
     assert cells[1:] == ["0.400", "0.500", "0.300", "n/a", "0.250", "0.800", "1.000"]
     assert len({len(line) for line in lines}) == 1  # columns stay aligned
+
+
+def test_predict_compare_matches_by_relative_path_not_basename(trained_run, tmp_path, capsys):
+    run, val = trained_run
+    src = tmp_path / "ds"
+    for sub in ("train", "val"):
+        (src / sub).mkdir(parents=True)
+        Image.open(val.image_path(val.images[0])).save(src / sub / "0.png")
+    gt = {
+        "images": [{"id": 7, "file_name": "val/0.png", "width": 96, "height": 96}],
+        "annotations": [
+            {
+                "id": 1,
+                "image_id": 7,
+                "category_id": 1,
+                "bbox": [10, 10, 20, 20],
+                "area": 400,
+                "iscrowd": 0,
+            }
+        ],
+        "categories": [{"id": 1, "name": "x"}],
+    }
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    args = ["predict", "--weights", str(run / "stage3" / "best.pt"), "--source", str(src)]
+    args += [
+        "--out",
+        str(tmp_path / "o"),
+        "--score-thresh",
+        "0",
+        "--compare",
+        str(tmp_path / "gt.json"),
+    ]
+    assert main(args) == 0
+    results = json.loads((tmp_path / "o" / "predictions.json").read_text())
+    ids = {r["file_name"]: r["image_id"] for r in results}
+    assert set(ids) <= {"train/0.png", "val/0.png"}
+    if "val/0.png" in ids:
+        assert ids["val/0.png"] == 7
+    if "train/0.png" in ids:
+        assert ids["train/0.png"] != 7
+    assert "detections" in capsys.readouterr().out  # it says what it found
+
+
+def test_predict_and_val_sliced(trained_run, tmp_path, capsys):
+    run, val = trained_run
+    weights = str(run / "stage3" / "best.pt")
+    # a 250x300 mosaic of val images, detected in 96-px tiles
+    tiles = [np.asarray(Image.open(val.image_path(r)).convert("RGB")) for r in val.images]
+    big = np.zeros((250, 300, 3), np.uint8)
+    big[:96, :96] = tiles[0]
+    big[154:250, 204:300] = tiles[-1]
+    Image.fromarray(big).save(tmp_path / "big.png")
+    args = [
+        "predict",
+        "--weights",
+        weights,
+        "--source",
+        str(tmp_path / "big.png"),
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    assert (
+        main(
+            [
+                *args,
+                "--slice",
+                "96",
+                "--overlap",
+                "0.25",
+                "--merge",
+                "nmm",
+                "--full-image",
+                "--score-thresh",
+                "0",
+            ]
+        )
+        == 0
+    )
+    results = json.loads((tmp_path / "o" / "predictions.json").read_text())
+    for r in results:
+        x, y, w, h = r["bbox"]
+        assert 0 <= x and 0 <= y and x + w <= 300 + 1e-3 and y + h <= 250 + 1e-3
+    capsys.readouterr()
+    vargs = ["val", "--weights", weights, "--json"]
+    assert main([*vargs, "--slice", "64", "--overlap", "0.2"]) == 0
+    sliced = json.loads(capsys.readouterr().out)
+    assert 0 <= sliced["AP"] <= 1 and sliced["seconds_per_image"] > 0
+    assert main([*vargs, "--slice", "0"]) == 2  # a bad slice size is a one-line error

@@ -84,6 +84,7 @@ def _add_val(sub) -> None:
         choices=["source", "model"],
         help="size bins in the image files' pixels or in the model's at 1x (default: recipe)",
     )
+    _add_slice_args(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_val)
 
@@ -116,6 +117,14 @@ def _cmd_val(args) -> int:
         scale=args.scale,
         score_thresh=args.score_thresh,
         size_reference=args.size_reference or cfg.eval_size_reference,
+        slicing=None
+        if args.slice is None
+        else {
+            "slice_size": args.slice,
+            "overlap": args.overlap,
+            "merge": args.merge,
+            "full_image": args.full_image,
+        },
     )
     m.pop("_results", None)
     if args.json:
@@ -144,12 +153,40 @@ def _add_predict(sub) -> None:
     p.add_argument("--weights", required=True)
     p.add_argument("--source", required=True, help="an image or a folder")
     p.add_argument("--out", required=True)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--score-thresh", type=float, default=0.5)
     p.add_argument(
-        "--compare", default=None, help="COCO ground truth: colour TP green, FP blue, FN red"
+        "--batch-size", "--batch", type=int, default=4, help="images (or tiles) per forward pass"
     )
+    p.add_argument("--score-thresh", type=float, default=0.5, help="boxes drawn from this score")
+    p.add_argument(
+        "--compare",
+        default=None,
+        help="COCO ground truth (file names relative to --source): TP green, FP blue, FN red",
+    )
+    _add_slice_args(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars or summary line")
     p.set_defaults(func=_cmd_predict)
+
+
+def _add_slice_args(p) -> None:
+    p.add_argument(
+        "--slice",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="detect huge images in overlapping tiles of this many pixels",
+    )
+    p.add_argument("--overlap", type=float, default=0.2, help="tile overlap fraction (0.2)")
+    p.add_argument(
+        "--merge",
+        default="nms",
+        choices=["nms", "nmm"],
+        help="merge across tiles: NMS, or NMM (intersection over the smaller box)",
+    )
+    p.add_argument(
+        "--full-image",
+        action="store_true",
+        help="also run the whole image once, for objects larger than a tile",
+    )
 
 
 def _cmd_predict(args) -> int:
@@ -162,8 +199,14 @@ def _cmd_predict(args) -> int:
         batch_size=args.batch_size,
         score_thresh=args.score_thresh,
         compare=args.compare,
+        quiet=args.quiet,
+        slice_size=args.slice,
+        overlap=args.overlap,
+        merge=args.merge,
+        full_image=args.full_image,
     )
-    print(f"wrote {path} and the drawings in {path.parent}")
+    if not args.quiet:
+        print(f"drawings in {path.parent}")
     return 0
 
 

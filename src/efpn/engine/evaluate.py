@@ -41,13 +41,16 @@ def predict_dataset(
     batch_size: int = 2,
     scale: float = 1.0,
     quiet: bool = False,
+    slicing: dict | None = None,
 ) -> tuple[list[dict], float, list[float]]:
     """COCO results of ``model`` on ``data``, seconds per image, and for each image the
     fraction of the stride-2 map the extension computed (empty for a model without P'2).
 
     ``scale`` multiplies the detector's test size (the paper's FPN-2x test); boxes are
-    mapped back to the original pixels. Under torchrun each rank predicts its share and
-    the results are gathered.
+    mapped back to the original pixels. ``slicing`` (keyword arguments of
+    :func:`efpn.slicing.predict_sliced`: ``slice_size``, ``overlap``, ``merge``,
+    ``full_image``) detects each full-size image in tiles. Under torchrun each rank
+    predicts its share and the results are gathered.
     """
     model.eval()
     transform = model.transform
@@ -58,6 +61,8 @@ def predict_dataset(
         transform.min_size = tuple(int(round(s * scale)) for s in sizes[0])
         transform.max_size = int(round(sizes[1] * scale))
     try:
+        if slicing:
+            return _predict_sliced(model, data, device, batch_size, quiet, slicing)
         return _predict(model, data, device, batch_size, quiet)
     finally:
         transform.min_size, transform.max_size = sizes
@@ -94,18 +99,40 @@ def _predict(model, data, device, batch_size, quiet):
     return results, total_time / max(count, 1), [c for part in gathered for c in part[3]]
 
 
-def test_scale_factors(model, data: DetectionData) -> dict[int, float]:
+def _predict_sliced(model, data, device, batch_size, quiet, slicing):
+    from ..data.dataset import load_rgb
+    from ..slicing import predict_sliced
+
+    records = data.images[dist_utils.rank() :: dist_utils.world_size()]
+    results, seconds = [], 0.0
+    show = not quiet and dist_utils.is_main() and sys.stderr.isatty()
+    for r in tqdm(records, desc="eval (sliced)", leave=False, disable=not show):
+        image = load_rgb(data.image_path(r))
+        start = time.perf_counter()
+        out = predict_sliced(model, image, batch_size=batch_size, device=device, **slicing)
+        seconds += time.perf_counter() - start
+        results += to_coco_results([r.image_id], [out], data.category_ids)
+    gathered = dist_utils.gather_objects((results, seconds, len(records)))
+    results = [x for part in gathered for x in part[0]]
+    count = sum(p[2] for p in gathered)
+    return results, sum(p[1] for p in gathered) / max(count, 1), []
+
+
+def test_scale_factors(
+    model, data: DetectionData, slice_size: int | None = None
+) -> dict[int, float]:
     """Per image id, the factor by which the detector's 1x test resize scales it
     (torchvision's rule: shorter side to ``min_size``, longer side at most ``max_size``)."""
     transform = model.transform
-    if hasattr(transform, "resize_scale"):  # ScaleTransform: one factor for every image
-        return {r.image_id: transform.factor(r.height, r.width) for r in data.images}
-    min_size = float(transform.min_size[-1])
-    max_size = float(transform.max_size)
-    return {
-        r.image_id: min(min_size / min(r.width, r.height), max_size / max(r.width, r.height))
-        for r in data.images
-    }
+
+    def factor(h: int, w: int) -> float:
+        if slice_size:  # sliced: each tile is what the transform resizes
+            h, w = min(h, slice_size), min(w, slice_size)
+        if hasattr(transform, "resize_scale"):  # ScaleTransform: one factor for all
+            return transform.factor(h, w)
+        return min(float(transform.min_size[-1]) / min(h, w), float(transform.max_size) / max(h, w))
+
+    return {r.image_id: factor(r.height, r.width) for r in data.images}
 
 
 def rescale_coco(gt: dict, results: list[dict], factors: dict) -> tuple[dict, list[dict]]:
@@ -167,6 +194,7 @@ def evaluate_model(
     quiet: bool = False,
     curves: bool = False,
     size_reference: str = "source",
+    slicing: dict | None = None,
 ) -> dict:
     """COCO AP/AR per size and TT100K-style accuracy/recall/F1 per size.
 
@@ -177,6 +205,9 @@ def evaluate_model(
     the extension computed; ``None`` without P'2) and, with ``curves``, ``curves`` per
     bin. Only rank 0 gets the metrics; other ranks get ``{}``.
 
+    ``slicing`` evaluates sliced prediction on the full-size images (see
+    :func:`predict_dataset`); both metric families use the original annotations.
+
     ``size_reference`` says in which pixels an object's size bin is measured:
     ``"source"``, the image files' (the paper's TT100K protocol), or ``"model"``, the
     pixels the detector sees at its 1x test size (whatever ``scale`` is), for data
@@ -185,9 +216,17 @@ def evaluate_model(
     """
     if size_reference not in ("source", "model"):
         raise ValueError(f"unknown size_reference {size_reference!r}; expected source or model")
-    factors = test_scale_factors(model, data) if size_reference == "model" else None
+    factors = None
+    if size_reference == "model":
+        factors = test_scale_factors(model, data, (slicing or {}).get("slice_size"))
     results, spi, coverage = predict_dataset(
-        model, data, device=device, batch_size=batch_size, scale=scale, quiet=quiet
+        model,
+        data,
+        device=device,
+        batch_size=batch_size,
+        scale=scale,
+        quiet=quiet,
+        slicing=slicing,
     )
     if not dist_utils.is_main():
         return {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -25,6 +26,10 @@ def _images(source: Path) -> list[Path]:
     return [source]
 
 
+def _relative(path: Path, source: Path) -> str:
+    return path.relative_to(source).as_posix() if source.is_dir() else path.name
+
+
 @torch.no_grad()
 def predict(
     weights: str | Path,
@@ -36,14 +41,25 @@ def predict(
     compare: str | Path | None = None,
     device: str = "cpu",
     quiet: bool = False,
+    slice_size: int | None = None,
+    overlap: float = 0.2,
+    merge: str = "nms",
+    full_image: bool = False,
 ) -> Path:
     """Detect objects in ``source`` (an image or a folder) with a checkpoint.
 
     Writes ``out/<name>`` drawings and ``out/predictions.json`` (COCO results; image ids
     from ``compare`` when given, else 1..N in sorted order). With ``compare`` (a COCO
-    ground-truth JSON), true positives are green, false positives blue and false
-    negatives red, as the paper's Fig. 8.
+    ground-truth JSON whose ``file_name``s are relative to ``source``), true positives
+    are green, false positives blue and false negatives red, as the paper's Fig. 8.
+    With ``slice_size``, each image is detected in overlapping tiles
+    (:func:`efpn.slicing.predict_sliced`; ``batch_size`` tiles per pass), boxes in the
+    original image's pixels.
     """
+    from ..slicing import predict_sliced
+
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be 1 or more, got {batch_size}")
     model, ckpt = model_from_checkpoint(weights, device)
     classes, cat_ids = ckpt["classes"], ckpt["category_ids"]
     out = Path(out)
@@ -53,26 +69,46 @@ def predict(
     gt_by_name = {}
     if compare is not None:
         gt = read_dataset(compare, "coco")
-        for r in gt.images:
-            gt_by_name[Path(r.file_name).name] = r
-    results = []
-    for start in tqdm(range(0, len(paths), batch_size), desc="predict", disable=quiet):
-        chunk = paths[start : start + batch_size]
+        gt_by_name = {r.file_name: r for r in gt.images}
+    results, kept = [], 0
+    tty = sys.stderr.isatty()
+    step = 1 if slice_size else batch_size
+    for start in tqdm(range(0, len(paths), step), desc="predict", disable=quiet or not tty):
+        chunk = paths[start : start + step]
         arrays = [load_rgb(p) for p in chunk]
-        images = [torch.from_numpy(a).permute(2, 0, 1).float().div(255).to(device) for a in arrays]
-        outputs = model(images)
+        if slice_size:
+            outputs = [
+                predict_sliced(
+                    model,
+                    arrays[0],
+                    slice_size,
+                    overlap,
+                    merge=merge,
+                    full_image=full_image,
+                    batch_size=batch_size,
+                    device=device,
+                    progress=not quiet and tty,
+                    desc=chunk[0].name,
+                )
+            ]
+        else:
+            images = [
+                torch.from_numpy(a).permute(2, 0, 1).float().div(255).to(device) for a in arrays
+            ]
+            outputs = model(images)
         for k, (p, a, o) in enumerate(zip(chunk, arrays, outputs)):
             o = {key: v.cpu() for key, v in o.items()}
-            r = gt_by_name.get(p.name)
+            r = gt_by_name.get(_relative(p, source))
             image_id = r.image_id if r is not None else start + k + 1
-            for b, s, lab in zip(o["boxes"].tolist(), o["scores"].tolist(), o["labels"].tolist()):
+            kept += int((o["scores"] >= score_thresh).sum())
+            for b, sc, lab in zip(o["boxes"].tolist(), o["scores"].tolist(), o["labels"].tolist()):
                 results.append(
                     {
                         "image_id": image_id,
-                        "file_name": p.name,
+                        "file_name": _relative(p, source),
                         "category_id": cat_ids[lab - 1],
                         "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
-                        "score": s,
+                        "score": sc,
                     }
                 )
             gt_target = None
@@ -87,4 +123,10 @@ def predict(
             drawn.save(out / f"{p.stem}.png")
     path = out / "predictions.json"
     path.write_text(json.dumps(results))
+    if not quiet:
+        print(
+            f"{len(paths)} image(s): {len(results)} detections, {kept} at score >= {score_thresh} "
+            f"(drawn); wrote {path}",
+            flush=True,
+        )
     return path

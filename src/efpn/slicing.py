@@ -1,0 +1,196 @@
+"""Sliced inference for huge images: overlapping tiles, batched, merged back.
+
+Tiny objects usually live in huge scenes (aerial and satellite images of 4000-20000 px,
+4K drone video). Resizing such a scene to the detector's scale makes them vanish;
+running it whole exhausts memory. :func:`predict_sliced` cuts the image into
+overlapping tiles, detects them in batches (each tile goes through the model's own
+transform, nothing else resizes it), maps the boxes back to the image and merges the
+detections that tiles share: NMS, or NMM (non-maximum merging by intersection over the
+smaller box) for objects a tile border cuts in two. Peak memory follows the batch of
+tiles, not the scene: the image stays uint8 and only the tiles of one batch are float.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torchvision.ops import batched_nms, box_area
+from torchvision.transforms.v2 import functional as tvf
+from tqdm import tqdm
+
+__all__ = ["MERGES", "merge_detections", "nmm", "predict_sliced", "slice_windows"]
+
+MERGES = ("nms", "nmm")
+
+
+def slice_windows(
+    height: int, width: int, slice_size: int, overlap: float = 0.2
+) -> list[tuple[int, int, int, int]]:
+    """Tiles ``(x0, y0, x1, y1)`` of at most ``slice_size`` px covering the image.
+
+    Neighbours overlap by at least ``overlap`` of a tile; the last row and column are
+    aligned with the bottom and right edges, so no pixel is left out and no tile is
+    smaller than ``slice_size`` unless the image is.
+    """
+    if slice_size < 1:
+        raise ValueError(f"slice size must be 1 or more, got {slice_size}")
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+
+    def starts(length: int) -> list[int]:
+        if length <= slice_size:
+            return [0]
+        step = max(int(slice_size * (1 - overlap)), 1)
+        n = math.ceil((length - slice_size) / step) + 1
+        return [min(i * step, length - slice_size) for i in range(n)]
+
+    return [
+        (x, y, min(x + slice_size, width), min(y + slice_size, height))
+        for y in starts(height)
+        for x in starts(width)
+    ]
+
+
+def nmm(boxes: Tensor, scores: Tensor, labels: Tensor, threshold: float = 0.5) -> dict[str, Tensor]:
+    """Greedy non-maximum merging per class.
+
+    In score order, each box not yet merged absorbs every lower-scored box of its class
+    whose intersection over the smaller of the two is at least ``threshold``; the merged
+    box encloses them all and keeps the highest score. Two halves of an object cut by
+    a tile border become one box.
+    """
+    order = torch.argsort(scores, descending=True, stable=True)
+    boxes, scores, labels = boxes[order], scores[order], labels[order]
+    n = boxes.shape[0]
+    if n == 0:
+        return {"boxes": boxes, "scores": scores, "labels": labels}
+    lt = torch.max(boxes[:, None, :2], boxes[None, :, :2])
+    rb = torch.min(boxes[:, None, 2:], boxes[None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(dim=2)
+    area = box_area(boxes)
+    ios = inter / torch.min(area[:, None], area[None, :]).clamp(min=1e-9)
+    match = (ios >= threshold) & (labels[:, None] == labels[None, :])
+    taken = torch.zeros(n, dtype=torch.bool)
+    out_boxes, keep = [], []
+    for i in range(n):
+        if taken[i]:
+            continue
+        group = match[i] & ~taken
+        group[i] = True
+        taken |= group
+        members = boxes[group]
+        out_boxes.append(torch.cat([members[:, :2].min(0).values, members[:, 2:].max(0).values]))
+        keep.append(i)
+    keep_t = torch.tensor(keep, dtype=torch.long)
+    return {"boxes": torch.stack(out_boxes), "scores": scores[keep_t], "labels": labels[keep_t]}
+
+
+def merge_detections(
+    parts: Sequence[dict[str, Tensor]], merge: str = "nms", threshold: float = 0.5
+) -> dict[str, Tensor]:
+    """Detections of several tiles (already in image coordinates) as one set."""
+    if merge not in MERGES:
+        raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
+    boxes = torch.cat([p["boxes"].reshape(-1, 4) for p in parts]) if parts else torch.zeros(0, 4)
+    scores = torch.cat([p["scores"] for p in parts]) if parts else torch.zeros(0)
+    labels = torch.cat([p["labels"] for p in parts]) if parts else torch.zeros(0, dtype=torch.long)
+    if merge == "nmm":
+        return nmm(boxes, scores, labels, threshold)
+    keep = batched_nms(boxes, scores, labels, threshold)
+    return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+
+
+def _as_uint8_chw(image) -> Tensor:
+    if isinstance(image, np.ndarray):  # (H, W, 3) uint8, as load_rgb returns
+        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    if image.dtype == torch.uint8:
+        return image
+    return image  # float (3, H, W) in [0, 1]
+
+
+def _full_image_pass(model, chw: Tensor, as_float) -> dict[str, Tensor]:
+    """The whole image once, shrunk in uint8 to the size the model's transform would
+    give it (so the scene never exists as floats at full size); boxes scaled back."""
+    _, h, w = chw.shape
+    t = model.transform
+    if hasattr(t, "factor"):
+        f = t.factor(h, w)
+    else:
+        f = min(float(t.min_size[-1]) / min(h, w), float(t.max_size) / max(h, w))
+    size = (max(int(round(h * f)), 1), max(int(round(w * f)), 1))
+    small = tvf.resize(chw, list(size), antialias=True) if f < 1 else chw
+    out = model([as_float(small)])[0]
+    sx, sy = w / small.shape[-1], h / small.shape[-2]
+    scale = torch.tensor([sx, sy, sx, sy], dtype=out["boxes"].dtype, device=out["boxes"].device)
+    return {k: (v * scale if k == "boxes" else v).cpu() for k, v in out.items()}
+
+
+@torch.no_grad()
+def predict_sliced(
+    model: torch.nn.Module,
+    image,
+    slice_size: int = 1024,
+    overlap: float = 0.2,
+    *,
+    merge: str = "nms",
+    merge_threshold: float = 0.5,
+    full_image: bool = False,
+    batch_size: int = 4,
+    device="cpu",
+    progress: bool = False,
+    desc: str = "tiles",
+) -> dict[str, Tensor]:
+    """Detect objects in a huge image tile by tile.
+
+    Args:
+        model: a detector in eval mode (EFPN or FPN; any torchvision-style detector).
+        image: ``(H, W, 3)`` uint8 array, ``(3, H, W)`` uint8 tensor, or ``(3, H, W)``
+            float tensor in [0, 1]. A uint8 image stays uint8: only the tiles of one
+            batch are converted, so memory follows ``batch_size``, not the scene.
+        slice_size: tile side in image pixels; pick it near the size the model was
+            trained to see (its transform still resizes each tile as it resizes any
+            image).
+        overlap: fraction of a tile shared with its neighbour (0.2: 20%).
+        merge: ``"nms"`` or ``"nmm"`` across tiles (see :func:`merge_detections`).
+        merge_threshold: IoU (NMS) or intersection over the smaller box (NMM).
+        full_image: also run the whole image once (the model's transform shrinks it)
+            and merge its boxes, for objects larger than a tile.
+        batch_size: tiles per forward pass.
+        device: where the model runs.
+        progress: show a progress bar over the tiles.
+
+    Returns:
+        ``{"boxes" (xyxy in image pixels), "scores", "labels"}`` on the CPU.
+    """
+    chw = _as_uint8_chw(image)
+    _, height, width = chw.shape
+    windows = slice_windows(height, width, slice_size, overlap)
+    if batch_size < 1:
+        raise ValueError(f"batch size must be 1 or more, got {batch_size}")
+
+    def as_float(t: Tensor) -> Tensor:
+        t = t.to(device)
+        return t.float().div_(255) if t.dtype == torch.uint8 else t.float()
+
+    parts = []
+    bar = tqdm(total=len(windows), desc=desc, leave=False, disable=not progress)
+    for start in range(0, len(windows), batch_size):
+        chunk = windows[start : start + batch_size]
+        tiles = [as_float(chw[:, y0:y1, x0:x1]) for x0, y0, x1, y1 in chunk]
+        for (x0, y0, _, _), out in zip(chunk, model(tiles)):
+            shift = torch.tensor(
+                [x0, y0, x0, y0], dtype=out["boxes"].dtype, device=out["boxes"].device
+            )
+            parts.append({k: (v + shift if k == "boxes" else v).cpu() for k, v in out.items()})
+        del tiles
+        bar.update(len(chunk))
+    bar.close()
+    if full_image and len(windows) > 1:
+        parts.append(_full_image_pass(model, chw, as_float))
+    if len(parts) == 1:
+        return parts[0]
+    return merge_detections(parts, merge, merge_threshold)
