@@ -28,7 +28,8 @@ P2X_MODES = ("auto", "sparse", "banded", "dense")
 
 @dataclass
 class DataConfig:
-    """Where the data is. ``format`` is coco, yolo, voc, tt100k or synth (generated)."""
+    """Where the data is. ``format`` is coco, yolo, voc, tt100k, dota, visdrone or synth
+    (generated)."""
 
     format: str = "synth"
     train: str = ""

@@ -346,6 +346,19 @@ def _write_json(path: Path, value: Any) -> None:
     tmp.replace(path)
 
 
+def _write_summary(out: Path, results, names, arm_list, settings, complete: bool) -> dict:
+    summary = summarize(results, names, [a.name for a in arm_list])
+    summary["complete"] = complete
+    summary["premise"] = {n: _read_json(out / n / "premise.json")["delta_AP_small"] for n in names}
+    summary["settings"] = {k: v for k, v in settings.items() if k != "config"}
+    _write_json(out / "summary.json", summary)
+    (out / "summary.md").write_text(format_summary(summary) + "\n")
+    from .viz import plot_paired
+
+    plot_paired(summary, out / "paired.png")
+    return summary
+
+
 def run_study(
     config: str | Path,
     *,
@@ -447,15 +460,13 @@ def run_study(
             else:
                 _say(f"[{done}/{total}] {name}/{arm.name}: done")
             results[name][arm.name] = metrics
-    summary = summarize(results, names, [a.name for a in arm_list])
-    summary["premise"] = {n: _read_json(out / n / "premise.json")["delta_AP_small"] for n in names}
-    summary["settings"] = {k: v for k, v in settings.items() if k != "config"}
-    _write_json(out / "summary.json", summary)
+        # after every run, so a long study shows its state (``complete`` says whether
+        # every run is in)
+        finished = [n for n in names if n in results]
+        summary = _write_summary(
+            out, results, finished, arm_list, settings, len(finished) == len(names)
+        )
     table = format_summary(summary)
-    (out / "summary.md").write_text(table + "\n")
-    from .viz import plot_paired
-
-    plot_paired(summary, out / "paired.png")
     _say(
         f"study of {len(names)} run(s) x {len(arm_list)} arm(s) in {out} ({time.perf_counter() - start:.0f} s this call)"
     )

@@ -10,7 +10,10 @@ def _add_data(sub) -> None:
     c = dsub.add_parser("convert", help="convert a dataset between formats")
     c.add_argument("source", help="dataset: COCO/TT100K JSON file, or YOLO/VOC folder")
     c.add_argument(
-        "--from", dest="src_format", required=True, choices=["yolo", "voc", "tt100k", "coco"]
+        "--from",
+        dest="src_format",
+        required=True,
+        choices=["yolo", "voc", "tt100k", "coco", "dota", "visdrone"],
     )
     c.add_argument("--to", dest="dst_format", required=True, choices=["coco", "yolo"])
     c.add_argument("--out", required=True, help="output folder")
@@ -32,7 +35,9 @@ def _add_data(sub) -> None:
 
     s = dsub.add_parser("stats", help="image count, boxes per class and size histograms")
     s.add_argument("source")
-    s.add_argument("--format", default=None, choices=["yolo", "voc", "tt100k", "coco"])
+    s.add_argument(
+        "--format", default=None, choices=["yolo", "voc", "tt100k", "coco", "dota", "visdrone"]
+    )
     s.add_argument("--split", default=None)
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(func=_cmd_data_stats)
@@ -56,7 +61,7 @@ def _reader_kwargs(fmt: str, args) -> dict:
         if getattr(args, "classes", None):
             kw["classes"] = args.classes
         kw["keep_other"] = getattr(args, "keep_other", False)
-    if fmt == "voc" and getattr(args, "classes", None):
+    if fmt in ("voc", "dota") and getattr(args, "classes", None):
         from pathlib import Path
 
         kw["classes"] = [

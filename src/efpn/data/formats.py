@@ -28,7 +28,7 @@ __all__ = [
     "write_yolo",
 ]
 
-FORMATS = ("coco", "yolo", "voc", "tt100k")
+FORMATS = ("coco", "yolo", "voc", "tt100k", "dota", "visdrone")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 # The 45 TT100K classes with more than 100 instances, evaluated in every paper.
@@ -92,6 +92,8 @@ def read_coco(ann_file: str | Path, image_root: str | Path | None = None) -> Det
             raise DataError(f"{src}: image entry {entry.get('id', '?')} lacks {e}") from None
     boxes: dict[int, list] = {i: [] for i in images}
     labels: dict[int, list] = {i: [] for i in images}
+    crowd_boxes: dict[int, list] = {i: [] for i in images}
+    crowd_labels: dict[int, list] = {i: [] for i in images}
     crowd = 0
     for ann in d.get("annotations", []):
         aid = ann.get("id", "?")
@@ -103,19 +105,25 @@ def read_coco(ann_file: str | Path, image_root: str | Path | None = None) -> Det
             raise DataError(
                 f"{src}: annotation {aid} has category_id {ann.get('category_id')} not declared in categories"
             )
-        if ann.get("iscrowd", 0):
-            crowd += 1
-            continue
         x, y, w, h = (float(v) for v in ann["bbox"])
+        if ann.get("iscrowd", 0):  # kept as an ignore region of its class
+            crowd += 1
+            crowd_boxes[ann["image_id"]].append([x, y, x + w, y + h])
+            crowd_labels[ann["image_id"]].append(cat_index[ann["category_id"]])
+            continue
         boxes[ann["image_id"]].append([x, y, x + w, y + h])
         labels[ann["image_id"]].append(cat_index[ann["category_id"]])
     for i, r in images.items():
         r.boxes = np.asarray(boxes[i], dtype=np.float64).reshape(-1, 4)
         r.labels = np.asarray(labels[i], dtype=np.int64)
+        r.ignore = np.asarray(crowd_boxes[i], dtype=np.float64).reshape(-1, 4)
+        r.ignore_labels = np.asarray(crowd_labels[i], dtype=np.int64)
     if crowd:
         import logging
 
-        logging.getLogger("efpn.data").warning(f"{src}: skipped {crowd} crowd annotation(s)")
+        logging.getLogger("efpn.data").info(
+            f"{src}: {crowd} crowd annotation(s) kept as ignore regions (not trained on)"
+        )
     root = Path(image_root) if image_root is not None else ann_file.parent
     return _finish(
         DetectionData(
@@ -149,6 +157,20 @@ def to_coco_dict(data: DetectionData) -> dict:
                 }
             )
             ann_id += 1
+        for (x1, y1, x2, y2), lab in zip(r.ignore.tolist(), r.ignore_labels.tolist()):
+            # a class-agnostic region (-1) ignores detections of every class
+            for cat in data.category_ids if lab < 0 else [data.category_ids[lab]]:
+                annotations.append(
+                    {
+                        "id": ann_id,
+                        "image_id": r.image_id,
+                        "category_id": cat,
+                        "bbox": [x1, y1, x2 - x1, y2 - y1],
+                        "area": (x2 - x1) * (y2 - y1),
+                        "iscrowd": 1,
+                    }
+                )
+                ann_id += 1
     categories = [{"id": cid, "name": n} for cid, n in zip(data.category_ids, data.classes)]
     return {"images": images, "annotations": annotations, "categories": categories}
 
@@ -288,6 +310,13 @@ def write_yolo(data: DetectionData, out_dir: str | Path) -> Path:
             lines.append(f"{lab} {cx:.10f} {cy:.10f} {bw:.10f} {bh:.10f}")
         label_path.write_text("\n".join(lines) + ("\n" if lines else ""))
     (out_dir / "classes.txt").write_text("\n".join(data.classes) + "\n")
+    dropped = sum(len(r.ignore) for r in data.images)
+    if dropped:
+        import logging
+
+        logging.getLogger("efpn.data").warning(
+            f"{out_dir}: YOLO has no ignore regions; {dropped} left out (convert to COCO to keep them)"
+        )
     return out_dir
 
 
@@ -445,6 +474,11 @@ def detect_format(path: str | Path) -> str:
         return "tt100k" if isinstance(d, dict) and "imgs" in d else "coco"
     if (path / "Annotations").is_dir():
         return "voc"
+    for sub in ("", "train", "val", "test"):
+        if (path / sub / "labelTxt").is_dir():
+            return "dota"
+        if (path / sub / "annotations").is_dir():
+            return "visdrone"
     if (path / "labels").is_dir() or (path / "images").is_dir():
         return "yolo"
     raise DataError(f"{path}: cannot tell the dataset format; pass --format")
@@ -453,7 +487,16 @@ def detect_format(path: str | Path) -> str:
 def read_dataset(path: str | Path, fmt: str | None = None, **kwargs) -> DetectionData:
     """Read any supported format (guessed when ``fmt`` is None)."""
     fmt = fmt or detect_format(path)
-    readers = {"coco": read_coco, "yolo": read_yolo, "voc": read_voc, "tt100k": read_tt100k}
+    from .aerial import read_dota, read_visdrone
+
+    readers = {
+        "coco": read_coco,
+        "yolo": read_yolo,
+        "voc": read_voc,
+        "tt100k": read_tt100k,
+        "dota": read_dota,
+        "visdrone": read_visdrone,
+    }
     if fmt not in readers:
         raise DataError(f"{path}: unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     return readers[fmt](path, **kwargs)

@@ -27,6 +27,12 @@ class ImageRecord:
         boxes: ``(K, 4)`` float64 ``xyxy`` boxes in pixels.
         labels: ``(K,)`` int64 indices into :attr:`DetectionData.classes` (0-based).
         image_id: integer id, unique within the dataset.
+        ignore: ``(M, 4)`` xyxy regions to ignore (COCO crowd, DOTA difficult,
+            VisDrone ignored regions): not trained on; at evaluation a detection there
+            is neither a true nor a false positive.
+        ignore_labels: ``(M,)`` class index of each region, -1 for any class.
+        attributes: per-box arrays kept from the source (VisDrone ``truncation``,
+            ``occlusion``), each of length K.
     """
 
     file_name: str
@@ -35,6 +41,9 @@ class ImageRecord:
     boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
     labels: np.ndarray = field(default_factory=lambda: np.zeros((0,), dtype=np.int64))
     image_id: int = 0
+    ignore: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
+    ignore_labels: np.ndarray = field(default_factory=lambda: np.zeros((0,), dtype=np.int64))
+    attributes: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -95,11 +104,21 @@ class SanitizeCounts:
         )
 
 
+def _clip_ignore(r: ImageRecord) -> None:
+    ig = np.asarray(r.ignore, dtype=np.float64).reshape(-1, 4).copy()
+    ig[:, [0, 2]] = ig[:, [0, 2]].clip(0, r.width)
+    ig[:, [1, 3]] = ig[:, [1, 3]].clip(0, r.height)
+    keep = (ig[:, 2] > ig[:, 0]) & (ig[:, 3] > ig[:, 1])
+    r.ignore = ig[keep]
+    r.ignore_labels = np.asarray(r.ignore_labels, dtype=np.int64).reshape(-1)[keep]
+
+
 def sanitize_boxes(images: list[ImageRecord], source: str) -> SanitizeCounts:
     """Clip boxes to their image and drop zero/negative-area ones, in place; logs and
     returns one summary of what was changed."""
     counts = SanitizeCounts()
     for r in images:
+        _clip_ignore(r)
         if len(r.boxes) == 0:
             r.boxes = np.zeros((0, 4), dtype=np.float64)
             r.labels = np.zeros((0,), dtype=np.int64)
@@ -114,6 +133,7 @@ def sanitize_boxes(images: list[ImageRecord], source: str) -> SanitizeCounts:
         counts.dropped += int((~keep).sum())
         r.boxes = clipped[keep]
         r.labels = np.asarray(r.labels, dtype=np.int64)[keep]
+        r.attributes = {k: np.asarray(v)[keep] for k, v in r.attributes.items()}
     msg = counts.report(source)
     if msg:
         log.warning(msg)

@@ -26,6 +26,7 @@ def dataset_stats(data: DetectionData) -> dict:
     return {
         "images": len(data.images),
         "boxes": int(len(boxes)),
+        "ignore_regions": int(sum(len(r.ignore) for r in data.images)),
         "per_class": {c: int((labels == i).sum()) for i, c in enumerate(data.classes)},
         "coco_area": {
             k: int(((area >= lo) & (area < hi)).sum()) for k, (lo, hi) in COCO_AREA_BINS.items()
@@ -42,6 +43,7 @@ def format_stats(stats: dict, source: str = "") -> str:
     total = max(stats["boxes"], 1)
     lines = [
         f"{source}: {stats['images']} images, {stats['boxes']} boxes, median long side {stats['median_long_side']:.1f} px"
+        + (f", {stats['ignore_regions']} ignore regions" if stats.get("ignore_regions") else "")
     ]
     lines.append("boxes per class:")
     width = max((len(c) for c in stats["per_class"]), default=5)

@@ -93,7 +93,7 @@ def load_data(cfg: Config, root: Path | None = None) -> tuple[DetectionData, Det
 
     def read(path, split):
         kw = {}
-        if d.format in ("yolo", "voc", "tt100k") and split:
+        if d.format in ("yolo", "voc", "tt100k", "dota", "visdrone") and split:
             kw["split"] = split
         if d.format == "coco" and d.image_root:
             kw["image_root"] = d.image_root
