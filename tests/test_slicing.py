@@ -8,6 +8,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from efpn.slicing import merge_detections, nmm, predict_sliced, slice_windows
 
@@ -160,3 +161,51 @@ def test_a_6000px_image_stays_under_3_gb(tmp_path):
     info = json.loads(res.stdout.strip().splitlines()[-1])
     assert info["peak"] < 3 * 1024**3, info
     assert info["max_xy"] <= 6000
+
+
+def test_data_slice_clips_keeps_visible_boxes_and_marks_cut_ones_ignore(tmp_path, capsys):
+    from efpn.cli import main
+    from efpn.data import read_dataset
+
+    img = np.zeros((100, 180, 3), np.uint8)
+    img[:, :, 0] = np.arange(180, dtype=np.uint8)[None, :]
+    Image.fromarray(img).save(tmp_path / "scene.png")
+    gt = {
+        "images": [{"id": 1, "file_name": "scene.png", "width": 180, "height": 100}],
+        "annotations": [
+            {
+                "id": 1,
+                "image_id": 1,
+                "category_id": 1,
+                "bbox": [10, 10, 20, 20],
+                "area": 400,
+                "iscrowd": 0,
+            },
+            # x 90..110: tile [0,100) sees 10/20 of it (50%), tile [80,180) all of it
+            {
+                "id": 2,
+                "image_id": 1,
+                "category_id": 1,
+                "bbox": [90, 40, 20, 10],
+                "area": 200,
+                "iscrowd": 0,
+            },
+        ],
+        "categories": [{"id": 1, "name": "car"}],
+    }
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    args = ["data", "slice", str(tmp_path / "gt.json"), "--size", "100", "--overlap", "0.2"]
+    args += ["--min-visible", "0.6", "--out", str(tmp_path / "tiles")]
+    assert main(args) == 0
+    tiles = read_dataset(tmp_path / "tiles" / "annotations.json", "coco")
+    by = {r.file_name: r for r in tiles.images}
+    assert set(by) == {"images/scene_0_0.png", "images/scene_80_0.png"}
+    left, right = by["images/scene_0_0.png"], by["images/scene_80_0.png"]
+    np.testing.assert_allclose(left.boxes, [[10, 10, 30, 30]])
+    np.testing.assert_allclose(left.ignore, [[90, 40, 100, 50]])  # 50% visible: ignore
+    np.testing.assert_allclose(right.boxes, [[10, 40, 30, 50]])  # whole, in tile pixels
+    pixels = np.asarray(Image.open(tmp_path / "tiles" / "images" / "scene_80_0.png"))
+    assert pixels[0, 0, 0] == 80 and pixels.shape == (100, 100, 3)  # the right crop
+    assert "became ignore regions" in capsys.readouterr().out
+    assert main(args) == 2  # refuses to write into a non-empty --out
+    assert main([*args, "--overwrite"]) == 0

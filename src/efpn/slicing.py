@@ -12,7 +12,6 @@ tiles, not the scene: the image stays uint8 and only the tiles of one batch are 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -22,37 +21,11 @@ from torchvision.ops import batched_nms, box_area
 from torchvision.transforms.v2 import functional as tvf
 from tqdm import tqdm
 
+from .data.tiles import slice_windows
+
 __all__ = ["MERGES", "merge_detections", "nmm", "predict_sliced", "slice_windows"]
 
 MERGES = ("nms", "nmm")
-
-
-def slice_windows(
-    height: int, width: int, slice_size: int, overlap: float = 0.2
-) -> list[tuple[int, int, int, int]]:
-    """Tiles ``(x0, y0, x1, y1)`` of at most ``slice_size`` px covering the image.
-
-    Neighbours overlap by at least ``overlap`` of a tile; the last row and column are
-    aligned with the bottom and right edges, so no pixel is left out and no tile is
-    smaller than ``slice_size`` unless the image is.
-    """
-    if slice_size < 1:
-        raise ValueError(f"slice size must be 1 or more, got {slice_size}")
-    if not 0 <= overlap < 1:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-
-    def starts(length: int) -> list[int]:
-        if length <= slice_size:
-            return [0]
-        step = max(int(slice_size * (1 - overlap)), 1)
-        n = math.ceil((length - slice_size) / step) + 1
-        return [min(i * step, length - slice_size) for i in range(n)]
-
-    return [
-        (x, y, min(x + slice_size, width), min(y + slice_size, height))
-        for y in starts(height)
-        for x in starts(width)
-    ]
 
 
 def nmm(boxes: Tensor, scores: Tensor, labels: Tensor, threshold: float = 0.5) -> dict[str, Tensor]:

@@ -1,4 +1,4 @@
-"""``efpn data`` (convert, stats, synth) and ``efpn eval``: datasets and metrics."""
+"""``efpn data`` (convert, stats, synth, slice) and ``efpn eval``: datasets and metrics."""
 
 from __future__ import annotations
 
@@ -50,6 +50,30 @@ def _add_data(sub) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=_cmd_data_synth)
 
+    t = dsub.add_parser(
+        "slice", help="cut a dataset of huge images into overlapping tiles + a COCO JSON"
+    )
+    t.add_argument("source", help="dataset in any supported format")
+    t.add_argument(
+        "--format", default=None, choices=["yolo", "voc", "tt100k", "coco", "dota", "visdrone"]
+    )
+    t.add_argument("--split", default=None, help="split to read")
+    t.add_argument("--size", type=int, default=1024, help="tile side in pixels")
+    t.add_argument("--overlap", type=float, default=0.2, help="tile overlap fraction")
+    t.add_argument(
+        "--min-visible",
+        type=float,
+        default=0.6,
+        help="a cut box stays an object when this fraction of it is in the tile, else ignore",
+    )
+    t.add_argument(
+        "--empty-ratio", type=float, default=0.0, help="fraction of tiles without objects kept"
+    )
+    t.add_argument("--seed", type=int, default=0, help="seed of the empty-tile draw")
+    t.add_argument("--out", required=True)
+    t.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    t.set_defaults(func=_cmd_data_slice)
+
 
 def _reader_kwargs(fmt: str, args) -> dict:
     kw: dict = {}
@@ -94,6 +118,35 @@ def _cmd_data_stats(args) -> int:
     data = read_dataset(args.source, fmt, **_reader_kwargs(fmt, args))
     stats = dataset_stats(data)
     print(json.dumps(stats) if args.json else format_stats(stats, str(args.source)))
+    return 0
+
+
+def _cmd_data_slice(args) -> int:
+    from ..data import read_dataset
+    from ..data.tiles import slice_dataset
+
+    fmt = args.format
+    if fmt is None:
+        from ..data.formats import detect_format
+
+        fmt = detect_format(args.source)
+    data = read_dataset(args.source, fmt, **_reader_kwargs(fmt, args))
+    c = slice_dataset(
+        data,
+        args.out,
+        size=args.size,
+        overlap=args.overlap,
+        min_visible=args.min_visible,
+        empty_ratio=args.empty_ratio,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
+    print(
+        f"{c['images']} image(s) -> {c['tiles']} tiles of {args.size} px ({c['boxes']} boxes; "
+        f"{c['cut_to_ignore']} cut boxes under {args.min_visible:.0%} visible became ignore regions; "
+        f"empty tiles kept {c['kept_empty']}, dropped {c['dropped_empty']}); "
+        f"wrote {args.out}/annotations.json"
+    )
     return 0
 
 
