@@ -39,6 +39,10 @@ class DataConfig:
     val_split: str | None = "val"
     classes: str | None = None
     keep_other: bool = False
+    # hold out this fraction of `train` (its `train_split`) as val, by sorted file name
+    # shuffled with split_seed, for data without a split of its own (0: use `val`)
+    val_fraction: float = 0.0
+    split_seed: int = 0
     synth_train: int = 200
     synth_val: int = 50
     synth_size: int = 512
@@ -227,6 +231,7 @@ _RULES = [
     ),
     ("model.norm_layer", lambda v: v in ("frozen", "batchnorm"), "must be frozen or batchnorm"),
     ("data.scale_jitter", lambda v: all(s >= 1 for s in v), "sizes must be 1 or more"),
+    ("data.val_fraction", lambda v: 0 <= v < 1, "must be in [0, 1)"),
     (
         "distill.teacher_mode",
         lambda v: v in ("upsample_teacher", "downsample_student"),

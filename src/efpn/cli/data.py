@@ -50,6 +50,14 @@ def _add_data(sub) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=_cmd_data_synth)
 
+    sp = dsub.add_parser("split", help="write a train/val split in the dataset's own format")
+    sp.add_argument("source", help="YOLO or VOC folder, or COCO JSON")
+    sp.add_argument("--format", default=None, choices=["yolo", "voc", "coco"])
+    sp.add_argument("--val", type=float, default=0.2, help="fraction held out as val (0.2)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--overwrite", action="store_true", help="replace an existing split")
+    sp.set_defaults(func=_cmd_data_split)
+
     t = dsub.add_parser(
         "slice", help="cut a dataset of huge images into overlapping tiles + a COCO JSON"
     )
@@ -118,6 +126,32 @@ def _cmd_data_stats(args) -> int:
     data = read_dataset(args.source, fmt, **_reader_kwargs(fmt, args))
     stats = dataset_stats(data)
     print(json.dumps(stats) if args.json else format_stats(stats, str(args.source)))
+    return 0
+
+
+def _cmd_data_split(args) -> int:
+    from pathlib import Path
+
+    from ..data import read_dataset
+    from ..data.formats import detect_format
+    from ..data.splits import write_split
+
+    fmt = args.format or detect_format(args.source)
+    src = Path(args.source)
+    existing = {
+        "yolo": [src / "splits.json"],
+        "voc": [src / "ImageSets" / "Main" / "train.txt", src / "ImageSets" / "Main" / "val.txt"],
+        "coco": [src.with_name(f"{src.stem}_train.json"), src.with_name(f"{src.stem}_val.json")],
+    }.get(fmt, [])
+    there = [str(f) for f in existing if f.exists()]
+    if there and not args.overwrite:
+        raise ValueError(f"{there[0]}: a split exists; pass --overwrite to replace it")
+    data = read_dataset(src, fmt)
+    files = write_split(src, fmt, data, args.val, args.seed)
+    print(
+        f"{len(data.images)} images: val {args.val:.0%} (seed {args.seed}); wrote "
+        + ", ".join(str(f) for f in files)
+    )
     return 0
 
 

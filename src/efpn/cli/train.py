@@ -7,11 +7,29 @@ from ..config import P2X_MODES
 
 def _add_train(sub) -> None:
     p = sub.add_parser(
-        "train", help="train FPN/EFPN: stage 1 baseline, 2 distillation, 3 OHEM head, or all"
+        "train",
+        help="train FPN/EFPN: stage 1 baseline, 2 distillation, 3 OHEM head, or all",
+        description=(
+            "One line on your own data: efpn train --data DATA (a dataset folder in any "
+            "supported format, a COCO JSON or an Ultralytics-style dataset YAML); the "
+            "recipe is derived from the data and written to the run folder. Or give a "
+            "recipe with --config. Either takes key=value overrides, e.g. "
+            "stage1.optim.epochs=3 model.min_size=800."
+        ),
     )
-    p.add_argument("--config", required=True, help="YAML recipe (see configs/)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", help="YAML recipe (see configs/ and docs/config.md)")
+    src.add_argument("--data", help="dataset folder, COCO JSON or dataset YAML")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
+    p.add_argument(
+        "--model", default="resnet18", help="with --data: resnet18, resnet50 or resnext101_32x8d"
+    )
+    p.add_argument("--imgsz", type=int, default=640, help="with --data: test size S (shorter side)")
+    p.add_argument("--epochs", type=int, default=12, help="with --data: stage-1 epochs")
+    p.add_argument("--batch", type=int, default=4, help="with --data: images per step")
+    p.add_argument("--device", default="auto", help="with --data: auto, cpu, cuda")
     p.add_argument("--stage", default="all", choices=["1", "2", "3", "all"])
-    p.add_argument("--out", default=None, help="run folder (default runs/<config name>)")
+    p.add_argument("--out", default=None, help="run folder (default runs/<name>)")
     p.add_argument("--resume", action="store_true", help="continue from last.pt in the run folder")
     p.add_argument(
         "--init",
@@ -22,14 +40,44 @@ def _add_train(sub) -> None:
     p.set_defaults(func=_cmd_train)
 
 
+def parse_overrides(pairs: list[str]) -> dict:
+    """``key=value`` arguments as a dict (values read as YAML scalars or lists)."""
+    from ..study import parse_override
+
+    return dict(parse_override(p) for p in pairs)
+
+
 def _cmd_train(args) -> int:
     import json
 
     from ..config import load_config
     from ..engine.train import Trainer
 
-    cfg = load_config(args.config)
-    trainer = Trainer(cfg, args.out or f"runs/{cfg.name}", quiet=args.quiet)
+    overrides = parse_overrides(args.overrides)
+    if args.data:
+        from ..recipe import recipe_from_data
+        from ..study import apply_overrides
+
+        cfg, lines = recipe_from_data(
+            args.data,
+            model=args.model,
+            imgsz=args.imgsz,
+            epochs=args.epochs,
+            device=args.device,
+            batch=args.batch,
+        )
+        cfg = apply_overrides(cfg, overrides, "overrides")
+        if not args.quiet:
+            for line in lines:
+                print(line, flush=True)
+            if overrides:
+                print(f"overrides: {overrides}", flush=True)
+    else:
+        cfg = load_config(args.config, overrides)
+    out = args.out or f"runs/{cfg.name}"
+    if not args.quiet:
+        print(f"run folder: {out} (resolved recipe in {out}/config.yaml)", flush=True)
+    trainer = Trainer(cfg, out, quiet=args.quiet)
     stages = [1, 2, 3] if args.stage == "all" else [int(args.stage)]
     if args.init and len(stages) == 1:
         getattr(cfg, f"stage{stages[0]}").init = args.init

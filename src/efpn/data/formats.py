@@ -232,12 +232,15 @@ def _read_class_names(root: Path) -> list[str]:
     )
 
 
-def read_yolo(root: str | Path, split: str | None = None) -> DetectionData:
+def read_yolo(
+    root: str | Path, split: str | None = None, classes: list[str] | None = None
+) -> DetectionData:
     """Read a YOLO dataset: ``images/``, ``labels/`` (``class cx cy w h`` normalised) and
-    a class-names file. ``split`` selects names from ``splits.json`` or the
-    ``images/<split>`` subfolder (Ultralytics layout)."""
+    a class-names file (or ``classes``, e.g. from a dataset YAML's ``names``). ``split``
+    selects names from ``splits.json`` or the ``images/<split>`` subfolder (Ultralytics
+    layout)."""
     root = Path(root)
-    classes = _read_class_names(root)
+    classes = list(classes) if classes else _read_class_names(root)
     img_dir = root / "images"
     if not img_dir.is_dir():
         raise DataError(f"{root}: no images/ folder")
@@ -352,9 +355,9 @@ def read_voc(
             raise DataError(f"{x}: invalid XML: {e}") from None
         parsed.append((x, tree))
     if classes is None:
-        classes = sorted(
-            {o.findtext("name", "").strip() for _, t in parsed for o in t.iter("object")}
-        )
+        # one class list per dataset, whatever the split: a classes file, else the
+        # union over every annotation file, sorted (a split's own list would shift labels)
+        classes = _voc_classes(root, ann_dir)
     index = {c: i for i, c in enumerate(classes)}
     records = []
     for idx, (x, t) in enumerate(parsed):
@@ -365,17 +368,26 @@ def read_voc(
             w, h = int(float(size.findtext("width"))), int(float(size.findtext("height")))
         else:
             w, h = _image_size(resolve_inside(root, rel, str(x)), str(x))
-        boxes, labels = [], []
+        boxes, labels, ignore, ignore_labels = [], [], [], []
         for k, o in enumerate(t.iter("object")):
             name = o.findtext("name", "").strip()
+            if not name:
+                raise DataError(f"{x}: object {k} has no <name>")
             if name not in index:
                 raise DataError(f"{x}: object {k} has class {name!r} that is not declared")
             bb = o.find("bndbox")
             try:
-                boxes.append([float(bb.findtext(tag)) for tag in ("xmin", "ymin", "xmax", "ymax")])
+                box = [float(bb.findtext(tag)) for tag in ("xmin", "ymin", "xmax", "ymax")]
             except (AttributeError, TypeError, ValueError):
                 raise DataError(f"{x}: object {k} has no valid bndbox") from None
-            labels.append(index[name])
+            if not np.isfinite(box).all():
+                raise DataError(f"{x}: object {k} has a non-finite bndbox")
+            if (o.findtext("difficult") or "0").strip() == "1":  # VOC: not scored
+                ignore.append(box)
+                ignore_labels.append(index[name])
+            else:
+                boxes.append(box)
+                labels.append(index[name])
         resolve_inside(root, rel, str(x))
         records.append(
             ImageRecord(
@@ -385,9 +397,25 @@ def read_voc(
                 np.asarray(boxes, dtype=np.float64).reshape(-1, 4),
                 np.asarray(labels, dtype=np.int64),
                 idx + 1,
+                ignore=np.asarray(ignore, dtype=np.float64).reshape(-1, 4),
+                ignore_labels=np.asarray(ignore_labels, dtype=np.int64),
             )
         )
     return _finish(DetectionData(root, list(classes), records, str(root)))
+
+
+def _voc_classes(root: Path, ann_dir: Path) -> list[str]:
+    for name in ("classes.txt", "labels.txt"):
+        if (root / name).exists():
+            return [ln.strip() for ln in (root / name).read_text().splitlines() if ln.strip()]
+    names = set()
+    for x in sorted(ann_dir.glob("*.xml")):
+        try:
+            tree = ET.parse(x).getroot()
+        except ET.ParseError as e:
+            raise DataError(f"{x}: invalid XML: {e}") from None
+        names |= {o.findtext("name", "").strip() for o in tree.iter("object")}
+    return sorted(n for n in names if n)
 
 
 # ----------------------------------------------------------------------------- TT100K

@@ -99,8 +99,14 @@ def load_data(cfg: Config, root: Path | None = None) -> tuple[DetectionData, Det
             kw["image_root"] = d.image_root
         if d.format == "tt100k":
             kw.update(classes=d.classes or "tt100k45", keep_other=d.keep_other)
+        elif d.format in ("yolo", "voc", "dota") and d.classes:
+            kw["classes"] = [c.strip() for c in d.classes.split(",") if c.strip()]
         return read_dataset(path, d.format, **kw)
 
+    if d.val_fraction > 0:  # no split in the data: hold out a deterministic fraction
+        from ..data.splits import holdout
+
+        return holdout(read(d.train, d.train_split), d.val_fraction, d.split_seed)
     return read(d.train, d.train_split), read(d.val or d.train, d.val_split)
 
 

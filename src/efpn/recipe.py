@@ -1,0 +1,260 @@
+"""A recipe from a dataset: what ``efpn train --data DATA`` trains.
+
+DATA is a dataset folder in any supported format (detected), a COCO JSON, or a dataset
+YAML in the Ultralytics convention (``path``, ``train``, ``val``, ``names``). The recipe
+starts from the shipped CPU-sized defaults (ResNet-18 from scratch) or the paper's
+widths (ResNet-50 / ResNeXt-101), and takes from the data what depends on it: the split
+(the data's own, else 20% held out), the anchors and the P'2 routing size from the
+box-size histogram at the training scale, and ``max_size`` from the image shapes.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from .config import Config, config_from_dict
+from .data.records import DataError
+
+__all__ = ["MODELS", "read_dataset_yaml", "recipe_from_data"]
+
+#: widths and training of each ``--model`` (from scratch; see the README for ImageNet)
+MODELS: dict[str, dict[str, Any]] = {
+    "resnet18": {"fpn_channels": 64, "representation_size": 256, "sr_width": 64},
+    "resnet50": {"fpn_channels": 256, "representation_size": 1024},
+    "resnext101_32x8d": {"fpn_channels": 256, "representation_size": 1024},
+}
+
+
+def read_dataset_yaml(path: Path) -> dict[str, Any]:
+    """The data section of an Ultralytics-style dataset YAML.
+
+    ``path`` (the root, relative to the YAML's folder), ``train`` and ``val``
+    (``images/<split>`` folders under it) and ``names`` (a list, or a mapping from class
+    index). Lists of image files and URLs are not supported and say so.
+    """
+    try:
+        d = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise DataError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(d, dict) or "train" not in d:
+        raise DataError(
+            f"{path}: a dataset YAML needs at least 'train' (and 'path', 'val', 'names')"
+        )
+    root = (path.parent / str(d.get("path", "."))).resolve()
+
+    def split_of(key: str) -> str | None:
+        value = d.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, str) or value.endswith(".txt") or "://" in value:
+            raise DataError(
+                f"{path}: {key}: only a folder images/<split> is supported, got {value!r}"
+            )
+        parts = Path(value).parts
+        if len(parts) == 2 and parts[0] == "images":
+            return parts[1]
+        raise DataError(f"{path}: {key}: expected images/<split> under 'path', got {value!r}")
+
+    names = d.get("names")
+    if isinstance(names, dict):
+        names = [names[k] for k in sorted(names)]
+    if names is not None and not (
+        isinstance(names, list) and all(isinstance(n, str) for n in names)
+    ):
+        raise DataError(f"{path}: names must be a list of strings or a mapping index -> name")
+    if names is not None and any("," in n for n in names):
+        raise DataError(f"{path}: class names may not contain ','")
+    train_split, val_split = split_of("train"), split_of("val")
+    section: dict[str, Any] = {"format": "yolo", "train": str(root), "val": str(root)}
+    if names is not None:
+        section["classes"] = ",".join(names)
+    section.update(train_split=train_split, val_split=val_split)
+    if val_split is None:
+        section["val_fraction"] = 0.2
+    return section
+
+
+def _data_section(data: str | Path) -> dict[str, Any]:
+    """Where the data is and how it is split, for any DATA argument."""
+    from .data.formats import detect_format
+
+    path = Path(data)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return read_dataset_yaml(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such dataset folder or file")
+    fmt = detect_format(path)
+    section: dict[str, Any] = {"format": fmt, "train": str(path), "val": str(path)}
+    has = {
+        "yolo": _yolo_has_split(path),
+        "voc": (path / "ImageSets" / "Main" / "train.txt").exists()
+        and (path / "ImageSets" / "Main" / "val.txt").exists(),
+        "dota": (path / "train").is_dir() and (path / "val").is_dir(),
+        "visdrone": (path / "train").is_dir() and (path / "val").is_dir(),
+    }.get(fmt, False)
+    if has:
+        section.update(train_split="train", val_split="val")
+    else:
+        section.update(train_split=None, val_split=None, val_fraction=0.2)
+    return section
+
+
+def _yolo_has_split(path: Path) -> bool:
+    if (path / "splits.json").exists():
+        import json
+
+        splits = json.loads((path / "splits.json").read_text())
+        return isinstance(splits, dict) and "train" in splits and "val" in splits
+    return (path / "images" / "train").is_dir() and (path / "images" / "val").is_dir()
+
+
+def _name(data: str | Path) -> str:
+    stem = Path(data).stem if Path(data).is_file() else Path(data).resolve().name
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", stem).lstrip("._-") or "data"
+
+
+def derive(boxes_wh: np.ndarray, image_wh: np.ndarray, imgsz: int) -> dict[str, Any]:
+    """Anchors, P'2 routing size and ``max_size`` from the training boxes.
+
+    Sizes are measured at the training scale (each image's shorter side at ``imgsz``).
+    The smallest anchor is the power of two nearest the 5th percentile of the boxes'
+    sqrt(area) (8 to 64 px), doubling over the five levels P2-P6; RoIs under 32 px (COCO
+    small at that scale) go to P'2; ``max_size`` lets the longest image reach 2x ``imgsz``
+    in multi-scale stage-1 training.
+    """
+    aspect = float((image_wh.max(axis=1) / image_wh.min(axis=1)).max()) if len(image_wh) else 1.0
+    out: dict[str, Any] = {"small_roi_size": 32.0}
+    if len(boxes_wh):
+        s = np.sqrt(boxes_wh[:, 0] * boxes_wh[:, 1]) * boxes_wh[:, 2]
+        p5, median = float(np.percentile(s, 5)), float(np.median(s))
+        a0 = int(min(max(2 ** round(math.log2(max(p5, 1.0))), 8), 64))
+        out["anchor_sizes"] = [a0 * 2**i for i in range(5)]
+        out["_sizes"] = {"p5": p5, "median": median, "small": float((s < 32).mean())}
+    else:
+        out["anchor_sizes"] = [16, 32, 64, 128, 256]
+    out["max_size"] = int(math.ceil(2 * imgsz * min(aspect, 4.0) / 32) * 32)
+    return out
+
+
+def recipe_from_data(
+    data: str | Path,
+    *,
+    model: str = "resnet18",
+    imgsz: int = 640,
+    epochs: int = 12,
+    device: str = "auto",
+    batch: int = 4,
+    name: str | None = None,
+) -> tuple[Config, list[str]]:
+    """A recipe for DATA and the lines that say what was derived from it.
+
+    Stage 1 trains ``epochs`` epochs multi-scale over ``imgsz``..2x``imgsz`` (so the
+    premise check and the stage-2 teacher work at 2x); stages 2 and 3 get a third of
+    that each (at least one), the ratio of the shipped recipes.
+    """
+    from .engine.train import load_data
+
+    if model not in MODELS:
+        raise ValueError(f"--model must be one of {', '.join(MODELS)}, got {model!r}")
+    if imgsz < 32:
+        raise ValueError(f"--imgsz must be 32 or more, got {imgsz}")
+    section = _data_section(data)
+    later = max(1, round(epochs / 3))
+    values: dict[str, Any] = {
+        "name": name or _name(data),
+        "device": device,
+        "data": {**section, "hflip": 0.5, "color_jitter": 0.1},
+        "model": {
+            "backbone": model,
+            **MODELS[model],
+            "min_size": imgsz,
+            "norm_layer": "batchnorm",
+            "trainable_backbone_layers": 5,
+        },
+        "distill": {"teacher_mode": "upsample_teacher"},
+        "stage1": {
+            "optim": {
+                "optimizer": "sgd",
+                "lr": 0.02,
+                "epochs": epochs,
+                "batch_size": batch,
+                "warmup_iters": 50,
+                "schedule": "cosine",
+            }
+        },
+        "stage2": {
+            "optim": {
+                "optimizer": "adamw",
+                "lr": 0.001,
+                "weight_decay": 0.0,
+                "epochs": later,
+                "batch_size": batch,
+                "warmup_iters": 10,
+                "schedule": "cosine",
+            }
+        },
+        "stage3": {
+            "ohem": True,
+            "unfreeze_extension": True,
+            "optim": {
+                "optimizer": "sgd",
+                "lr": 0.01,
+                "epochs": later,
+                "batch_size": batch,
+                "warmup_iters": 5,
+                "schedule": "cosine",
+            },
+        },
+        "checkpoint_every": 100,
+    }
+    cfg = config_from_dict(values, f"--data {data}")
+    train, val = load_data(cfg)
+    wh = np.asarray([[r.width, r.height] for r in train.images], dtype=float).reshape(-1, 2)
+    boxes = [
+        np.column_stack(
+            [
+                r.boxes[:, 2] - r.boxes[:, 0],
+                r.boxes[:, 3] - r.boxes[:, 1],
+                np.full(len(r.boxes), imgsz / max(min(r.width, r.height), 1)),
+            ]
+        )
+        for r in train.images
+        if len(r.boxes)
+    ]
+    derived = derive(np.concatenate(boxes) if boxes else np.zeros((0, 3)), wh, imgsz)
+    sizes = derived.pop("_sizes", None)
+    values["model"].update(derived)
+    values["data"]["scale_jitter"] = sorted(
+        {int(round(imgsz * f / 32) * 32) for f in (1.0, 1.25, 1.5, 1.75, 2.0)}
+    )
+    cfg = config_from_dict(values, f"--data {data}")
+    split = (
+        f"its own split ({section['train_split']}/{section['val_split']})"
+        if section.get("val_split")
+        else f"{section.get('val_fraction', 0):.0%} of the images held out as val (seed 0)"
+    )
+    lines = [
+        f"data: {data} ({section['format']}), {len(train.classes)} classes, "
+        f"{len(train.images)} train / {len(val.images)} val images, {split}",
+    ]
+    if sizes:
+        lines.append(
+            f"boxes at {imgsz} px: sqrt(area) 5th percentile {sizes['p5']:.1f} px, median "
+            f"{sizes['median']:.1f} px, {sizes['small']:.0%} under 32 px"
+        )
+    m = cfg.model
+    lines.append(
+        f"derived: anchor_sizes {m.anchor_sizes}, small_roi_size {m.small_roi_size:g}, "
+        f"min_size {m.min_size}, max_size {m.max_size}, stage-1 scale_jitter {cfg.data.scale_jitter}"
+    )
+    lines.append(
+        f"model {model} from scratch; epochs {epochs}/{later}/{later} (stages 1/2/3); "
+        f"batch {batch}; device {device}"
+    )
+    return cfg, lines

@@ -1,0 +1,156 @@
+"""`efpn train --data`: one line on a user's own YOLO, VOC or COCO folder."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from efpn.cli import main
+
+SMALL = [
+    "model.sr_width=16",
+    "model.rpn_batch_size_per_image=32",
+    "model.box_batch_size_per_image=32",
+    "stage3.ohem_batch_size_per_image=16",
+]
+
+
+def _scene(path, boxes, size=64):
+    img = np.full((size, size, 3), 90, np.uint8)
+    for x1, y1, x2, y2 in boxes:
+        img[y1:y2, x1:x2] = (230, 30, 30)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(path)
+
+
+def _voc(root, name, objects, split=None):
+    _scene(root / "JPEGImages" / f"{name}.png", [b for _, b in objects])
+    xml = [
+        f"<annotation><filename>{name}.png</filename><size><width>64</width><height>64</height></size>"
+    ]
+    for cls, (x1, y1, x2, y2) in objects:
+        xml.append(
+            f"<object><name>{cls}</name><bndbox><xmin>{x1}</xmin><ymin>{y1}</ymin>"
+            f"<xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>"
+        )
+    (root / "Annotations").mkdir(parents=True, exist_ok=True)
+    (root / "Annotations" / f"{name}.xml").write_text("".join(xml) + "</annotation>")
+    if split:
+        folder = root / "ImageSets" / "Main"
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / f"{split}.txt", "a") as f:
+            f.write(name + "\n")
+
+
+def test_voc_splits_share_one_class_list_and_train_in_one_line(tmp_path, capsys):
+    from efpn.config import load_config
+    from efpn.engine.train import load_data
+
+    root = tmp_path / "trees"
+    for i in range(4):
+        _voc(root, f"t{i}", [("Alive", (5, 5, 20, 20)), ("Dead", (30, 30, 50, 44))], "train")
+    for i in range(2):
+        _voc(root, f"v{i}", [("Tree", (10, 10, 30, 28))], "val")
+    out = tmp_path / "run"
+    args = ["train", "--data", str(root), "--imgsz", "64", "--epochs", "1", "--batch", "2"]
+    assert main([*args, "--out", str(out), "--quiet", *SMALL]) == 0
+    cfg = load_config(out / "config.yaml")
+    train, val = load_data(cfg)
+    assert train.classes == val.classes == ["Alive", "Dead", "Tree"]  # no label shifts
+    assert [train.classes[i] for i in val.images[0].labels] == ["Tree"]
+    assert (out / "stage3" / "best.pt").exists() and (out / "eval.json").exists()
+    assert cfg.data.train_split == "train" and cfg.model.min_size == 64
+    assert cfg.data.scale_jitter == [64, 96, 128]  # stage 1 over S..2S
+
+
+def test_yolo_folder_without_split_holds_out_val_and_derives_anchors(tmp_path, capsys):
+    from efpn.config import load_config
+    from efpn.engine.train import load_data
+
+    root = tmp_path / "cars"
+    (root / "labels").mkdir(parents=True)
+    (root / "classes.txt").write_text("car\n")
+    for i in range(10):
+        _scene(root / "images" / f"{i}.png", [(8, 8, 16, 14)])
+        (root / "labels" / f"{i}.txt").write_text("0 0.1875 0.171875 0.125 0.09375\n")
+    out = tmp_path / "run"
+    args = ["train", "--data", str(root), "--imgsz", "64", "--epochs", "1", "--batch", "2"]
+    assert main([*args, "--out", str(out), "--stage", "1", *SMALL, "stage1.optim.lr=5e-3"]) == 0
+    printed = capsys.readouterr().out
+    assert (
+        "20% of the images held out" in printed
+        and "derived: anchor_sizes [8, 16, 32, 64, 128]" in printed
+    )
+    cfg = load_config(out / "config.yaml")
+    assert cfg.data.val_fraction == 0.2 and cfg.stage1.optim.lr == pytest.approx(5e-3)
+    train, val = load_data(cfg)
+    assert len(train.images) == 8 and len(val.images) == 2
+    assert not {r.file_name for r in train.images} & {r.file_name for r in val.images}
+    assert (out / "premise.json").exists()
+
+
+def test_dataset_yaml_and_coco_json(tmp_path):
+    from efpn.recipe import recipe_from_data
+
+    root = tmp_path / "ds"
+    for split, n in (("train", 3), ("val", 2)):
+        for i in range(n):
+            _scene(root / "images" / split / f"{i}.png", [(8, 8, 30, 30)])
+            (root / "labels" / split).mkdir(parents=True, exist_ok=True)
+            (root / "labels" / split / f"{i}.txt").write_text("1 0.3 0.3 0.34 0.34\n")
+    (tmp_path / "ds.yaml").write_text(
+        "path: ds\ntrain: images/train\nval: images/val\nnames: {0: a, 1: b}\n"
+    )
+    cfg, lines = recipe_from_data(tmp_path / "ds.yaml", imgsz=64)
+    assert (
+        cfg.data.format == "yolo" and cfg.data.train_split == "train" and cfg.data.classes == "a,b"
+    )
+    assert "3 train / 2 val images" in lines[0]
+    coco = {
+        "images": [
+            {"id": i + 1, "file_name": f"images/train/{i}.png", "width": 64, "height": 64}
+            for i in range(3)
+        ],
+        "annotations": [
+            {
+                "id": i + 1,
+                "image_id": i + 1,
+                "category_id": 5,
+                "bbox": [8, 8, 22, 22],
+                "area": 484,
+                "iscrowd": 0,
+            }
+            for i in range(3)
+        ],
+        "categories": [{"id": 5, "name": "b"}],
+    }
+    (root / "coco.json").write_text(json.dumps(coco))
+    cfg, lines = recipe_from_data(root / "coco.json", imgsz=64)
+    assert (
+        cfg.data.format == "coco" and cfg.data.val_fraction == 0.2 and "2 train / 1 val" in lines[0]
+    )
+    with pytest.raises(ValueError, match="--model"):
+        recipe_from_data(root / "coco.json", model="vgg")
+
+
+def test_data_split_writes_each_formats_split(tmp_path, capsys):
+    from efpn.data import read_dataset
+
+    root = tmp_path / "y"
+    (root / "labels").mkdir(parents=True)
+    (root / "classes.txt").write_text("car\n")
+    for i in range(10):
+        _scene(root / "images" / f"{i}.png", [(8, 8, 16, 14)])
+        (root / "labels" / f"{i}.txt").write_text("0 0.1875 0.171875 0.125 0.09375\n")
+    assert main(["data", "split", str(root), "--val", "0.3", "--seed", "1"]) == 0
+    tr, va = read_dataset(root, "yolo", split="train"), read_dataset(root, "yolo", split="val")
+    assert len(tr.images) == 7 and len(va.images) == 3
+    assert main(["data", "split", str(root), "--val", "0.3", "--seed", "1"]) == 2  # exists
+    assert main(["data", "split", str(root), "--val", "0.3", "--seed", "1", "--overwrite"]) == 0
+    voc = tmp_path / "v"
+    for i in range(5):
+        _voc(voc, f"im{i}", [("a", (5, 5, 20, 20))])
+    assert main(["data", "split", str(voc), "--val", "0.2"]) == 0
+    assert len(read_dataset(voc, "voc", split="val").images) == 1
+    assert len(read_dataset(voc, "voc", split="train").images) == 4
