@@ -148,7 +148,7 @@ def study_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
     cfg = write_tiny_config(root, **{"distill.teacher_mode": "upsample_teacher"})
     args = ["study", "--config", str(cfg), "--seeds", "2", "--out", str(root / "s"), "--quiet"]
-    assert main([*args, "--arm", "efpn", "--arm", "lam0", "distill.lam=0"]) == 0
+    assert main([*args, "--arm", "efpn", "--arm", "lam0", "distill.lam=0", "--arm", "gated"]) == 0
     return root, args
 
 
@@ -156,8 +156,8 @@ def test_study_pairs_every_arm_with_its_own_stage1(study_run):
     root, _ = study_run
     out = root / "s"
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["runs"] == ["seed0", "seed1"]
-    assert set(summary["rows"]) == {"fpn_1x", "fpn_2x", "efpn", "lam0"}
+    assert summary["runs"] == ["seed0", "seed1"] and summary["complete"] is True
+    assert set(summary["rows"]) == {"fpn_1x", "fpn_2x", "efpn", "lam0", "gated"}
     for run in summary["runs"]:
         premise = json.loads((out / run / "premise.json").read_text())
         assert {"holds", "delta_AP_small", "fpn_1x", "fpn_2x", "message"} <= set(premise)
@@ -165,6 +165,9 @@ def test_study_pairs_every_arm_with_its_own_stage1(study_run):
         for arm in ("efpn", "lam0"):
             assert (out / run / arm / "stage3" / "best.pt").exists()
             assert not (out / run / arm / "stage1").exists()  # stage 1 is shared
+        # an inference-only arm evaluates efpn's checkpoint instead of training again
+        gated = json.loads((out / run / "gated" / "metrics.json").read_text())
+        assert gated["checkpoint_of"] == "efpn" and not (out / run / "gated" / "stage2").exists()
     rows, paired = summary["rows"], summary["paired"]
     for m in ("AP_small", "AP", "f1_small"):
         assert len(rows["efpn"][m]["values"]) == 2
@@ -190,7 +193,7 @@ def test_study_resumes_without_training_again(study_run, monkeypatch):
         raise AssertionError("a finished run was trained again")
 
     monkeypatch.setattr(train_mod.Trainer, "run_stage", refuse)
-    assert main([*args, "--arm", "efpn", "--arm", "lam0", "distill.lam=0"]) == 0
+    assert main([*args, "--arm", "efpn", "--arm", "lam0", "distill.lam=0", "--arm", "gated"]) == 0
     after = json.loads((root / "s" / "summary.json").read_text())
     assert after["rows"] == before["rows"]
     # another arm's overrides under a used name, or another recipe, are refused

@@ -223,7 +223,11 @@ _RULES = [
     ("model.small_roi_size", lambda v: v >= 0, "must be 0 or more"),
     ("model.resize_scale", lambda v: v is None or v > 0, "must be positive"),
     ("model.p2x_mode", lambda v: v in P2X_MODES, f"must be one of {P2X_MODES}"),
-    ("model.merge", lambda v: v in ("exclusive", "duplicate"), "must be exclusive or duplicate"),
+    (
+        "model.merge",
+        lambda v: v in ("exclusive", "duplicate", "gated"),
+        "must be exclusive, duplicate or gated",
+    ),
     (
         "model.sr_module",
         lambda v: v in ("ftt", "espcn", "nearest"),

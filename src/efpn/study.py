@@ -79,11 +79,15 @@ PRESETS: dict[str, Any] = {
     "no_ftt_loss": {"distill.ftt_loss": False},
     # the cheap widths of `efpn bench --sr-width 64 --ext-out-width 64`
     "cheap_widths": _cheap_widths,
+    # how small RoIs' detections are merged (inference only: reuses efpn's checkpoint)
+    "duplicate": {"model.merge": "duplicate"},
+    "gated": {"model.merge": "gated"},
 }
 PRESET_GROUPS = {
     "table2": ["ext_only", "espcn", "ftt"],
     "table4": ["lambda0", "no_ftt_loss"],
     "cheap": ["cheap_widths"],
+    "merge": ["duplicate", "gated"],
 }
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -329,6 +333,39 @@ def format_summary(summary: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- running
+#: settings that change inference and evaluation only: arms that differ from a trained
+#: arm only in these reuse its checkpoint
+INFERENCE_KEYS = (
+    "model.merge",
+    "model.p2x_mode",
+    "model.sparse_max_coverage",
+    "model.p2x_band_rows",
+    "model.rpn_post_nms_top_n_test",
+    "model.box_score_thresh",
+    "model.box_detections_per_img",
+    "eval_score_thresh",
+    "eval_size_reference",
+)
+
+
+def training_key(cfg: Config) -> str:
+    """The recipe without its inference-only settings, as a comparable string."""
+    d = copy.deepcopy(cfg.to_dict())
+    for dotted in INFERENCE_KEYS:
+        node = d
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node[part]
+        node.pop(last, None)
+    return json.dumps(d, sort_keys=True)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _say(msg: str) -> None:
     print(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}", flush=True)
 
@@ -431,13 +468,41 @@ def run_study(
         else:
             _say(f"[{done}/{total}] {name}: stage 1 done ({premise['message']})")
         results[name] = {"fpn_1x": premise["fpn_1x"], "fpn_2x": premise["fpn_2x"]}
+        trained: dict[str, tuple[str, Path]] = {}  # training settings -> (arm, checkpoint)
         for arm in arm_list:
             adir = rdir / arm.name
             done += 1
             metrics = _read_json(adir / "metrics.json")
-            if metrics is None:
+            acfg = apply_overrides(cfg, arm.overrides, f"--arm {arm.name}")
+            key = training_key(acfg)
+            if metrics is None and key in trained:
+                # only inference settings differ from an arm already trained: evaluate
+                # its checkpoint with this arm's settings instead of training again
+                source_arm, best = trained[key]
+                _say(
+                    f"[{done}/{total}] {name}/{arm.name}: {source_arm}'s checkpoint, {arm.overrides}"
+                )
+                adir.mkdir(parents=True, exist_ok=True)
+                inference = {
+                    k.split(".", 1)[1]: v
+                    for k, v in arm.overrides.items()
+                    if k.startswith("model.") and k in INFERENCE_KEYS
+                }
+                device = "cuda" if acfg.device != "cpu" and _cuda() else "cpu"
+                model, _ = model_from_checkpoint(best, device, **inference)
+                m = evaluate_model(
+                    model,
+                    data[1],
+                    device=device,
+                    score_thresh=acfg.eval_score_thresh,
+                    size_reference=acfg.eval_size_reference,
+                    quiet=trainer_quiet,
+                )
+                metrics = {k: m[k] for k in ROW_KEYS}
+                metrics.update(p2x_coverage=m["p2x_coverage"], checkpoint_of=source_arm)
+                _write_json(adir / "metrics.json", metrics)
+            elif metrics is None:
                 _say(f"[{done}/{total}] {name}/{arm.name}: stages 2-3 {arm.overrides or ''}")
-                acfg = apply_overrides(cfg, arm.overrides, f"--arm {arm.name}")
                 trainer = Trainer(acfg, adir, quiet=trainer_quiet, data=data)
                 trainer.run_stage(2, resume=True, init=rdir / "stage1" / "best.pt")
                 best = trainer.run_stage(3, resume=True)
@@ -459,6 +524,8 @@ def run_study(
                 )
             else:
                 _say(f"[{done}/{total}] {name}/{arm.name}: done")
+            if "checkpoint_of" not in metrics and key not in trained:
+                trained[key] = (arm.name, adir / "stage3" / "best.pt")
             results[name][arm.name] = metrics
         # after every run, so a long study shows its state (``complete`` says whether
         # every run is in)

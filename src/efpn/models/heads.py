@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
 from torchvision.ops import roi_align
 
-__all__ = ["EFPNRoIHeads", "ohem_select", "roi_level", "small_roi_mask"]
+__all__ = ["MERGES", "EFPNRoIHeads", "ohem_select", "roi_level", "small_roi_mask"]
 
 
 def roi_level(
@@ -59,6 +59,10 @@ def ohem_select(
     return torch.cat([pos[pos_order[:num_pos]], neg[neg_order[:num_neg]]])
 
 
+#: how detections of small RoIs are merged at inference
+MERGES = ("exclusive", "duplicate", "gated")
+
+
 class EFPNRoIHeads(RoIHeads):
     """torchvision ``RoIHeads`` with a second box head for small RoIs on ``"p2x"``.
 
@@ -72,8 +76,12 @@ class EFPNRoIHeads(RoIHeads):
         small_box_head, small_box_predictor: the head for P'2 (usually copies of the
             original, see :meth:`init_small_head_from_original`).
         small_roi_size: routing threshold in pixels (56 for TT100K at 1400, 112 for COCO).
-        merge: ``"exclusive"`` (paper: small RoIs only through the new head) or
-            ``"duplicate"`` (authors' COCO code: small RoIs through both heads, union to NMS).
+        merge: ``"exclusive"`` (paper: small RoIs only through the new head),
+            ``"duplicate"`` (authors' COCO code: small RoIs through both heads, union to
+            NMS) or ``"gated"`` (small RoIs through both heads; the P'2 head's
+            detections are kept where the detected box is small, the original head's
+            where it is not, so an object just above the routing size whose proposal is
+            just below it is still judged by the head trained on its size).
         ohem: train the small head with OHEM on all small RoIs instead of the sampler.
         ohem_batch_size_per_image, ohem_positive_fraction: OHEM's batch.
         sampling_ratio: roi_align sampling ratio for P'2.
@@ -94,8 +102,8 @@ class EFPNRoIHeads(RoIHeads):
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
-        if merge not in ("exclusive", "duplicate"):
-            raise ValueError(f"merge must be 'exclusive' or 'duplicate', got {merge!r}")
+        if merge not in MERGES:
+            raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
         self.small_box_head = small_box_head
         self.small_box_predictor = small_box_predictor
         self.small_roi_size = float(small_roi_size)
@@ -167,6 +175,25 @@ class EFPNRoIHeads(RoIHeads):
         if self.training:
             return [], self._training_losses(features, proposals, image_shapes, targets)
         return self._inference(features, proposals, image_shapes), {}
+
+    def _gate(self, logits: Tensor, deltas: Tensor, boxes: list[Tensor], source: Tensor) -> Tensor:
+        """Logits whose softmax drops, per class, the detections a head is not for.
+
+        ``source`` per RoI: 1 = a small RoI through the P'2 head (kept where the decoded
+        box is small), 2 = a small RoI through the original head (kept where it is not),
+        0 = a large RoI (kept). The dropped probability goes to the background, so the
+        other classes' scores are unchanged and ``postprocess_detections`` does the rest.
+        """
+        probs = F.softmax(logits, -1)
+        decoded = self.box_coder.decode(deltas, boxes)  # (N, C, 4)
+        wh = (decoded[..., 2:] - decoded[..., :2]).clamp(min=0)
+        small_box = wh[..., 0] * wh[..., 1] < self.small_roi_size**2
+        drop = ((source == 1)[:, None] & ~small_box) | ((source == 2)[:, None] & small_box)
+        drop[:, 0] = False
+        removed = probs * drop
+        probs = probs - removed
+        probs[:, 0] = probs[:, 0] + removed.sum(1)
+        return torch.log(probs.clamp(min=1e-30))
 
     def _training_losses(self, features, proposals, image_shapes, targets) -> dict[str, Tensor]:
         if self.ohem:
@@ -255,9 +282,21 @@ class EFPNRoIHeads(RoIHeads):
             boxes_all.append(torch.cat([lb, sb]))
             logits_all.append(torch.cat([ll, sl]))
             deltas_all.append(torch.cat([ld, sd]))
-        boxes, scores, labels = self.postprocess_detections(
-            torch.cat(logits_all), torch.cat(deltas_all), boxes_all, image_shapes
-        )
+        logits = torch.cat(logits_all)
+        deltas = torch.cat(deltas_all)
+        if self.merge == "gated":
+            # which head each RoI went through, and whether its RoI was small
+            source = [
+                torch.cat(
+                    [
+                        torch.where(m, 2, 0),
+                        torch.ones(int(m.sum()), dtype=torch.long, device=m.device),
+                    ]
+                )
+                for m in small
+            ]
+            logits = self._gate(logits, deltas, boxes_all, torch.cat(source))
+        boxes, scores, labels = self.postprocess_detections(logits, deltas, boxes_all, image_shapes)
         return [
             {"boxes": b, "labels": lab, "scores": s}
             for b, s, lab in zip(boxes, scores, labels, strict=False)
