@@ -259,3 +259,14 @@ def test_predict_and_val_sliced(trained_run, tmp_path, capsys):
     sliced = json.loads(capsys.readouterr().out)
     assert 0 <= sliced["AP"] <= 1 and sliced["seconds_per_image"] > 0
     assert main([*vargs, "--slice", "0"]) == 2  # a bad slice size is a one-line error
+
+
+def test_val_takes_inference_overrides_only(trained_run, capsys):
+    run, _ = trained_run
+    weights = str(run / "stage3" / "best.pt")
+    assert main(["val", "--weights", weights, "--json", "model.merge=gated"]) == 0
+    gated = json.loads(capsys.readouterr().out)
+    assert 0 <= gated["AP"] <= 1
+    assert main(["val", "--weights", weights, "stage1.optim.lr=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "inference settings only" in err and len(err.splitlines()) == 1

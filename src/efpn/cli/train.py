@@ -134,6 +134,12 @@ def _add_val(sub) -> None:
     )
     _add_slice_args(p)
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="inference settings of the checkpoint's recipe, e.g. model.merge=gated",
+    )
     p.set_defaults(func=_cmd_val)
 
 
@@ -156,6 +162,13 @@ def _cmd_val(args) -> int:
         if args.band_rows < 0:
             raise ValueError("--band-rows must be 0 (one pass) or more")
         overrides["p2x_band_rows"] = args.band_rows
+    from ..study import INFERENCE_KEYS
+
+    for key, value in parse_overrides(args.overrides).items():
+        if key not in INFERENCE_KEYS or not key.startswith("model."):
+            allowed = ", ".join(k for k in INFERENCE_KEYS if k.startswith("model."))
+            raise ValueError(f"{key}: val changes inference settings only ({allowed})")
+        overrides[key.split(".", 1)[1]] = value
     model, ckpt = model_from_checkpoint(args.weights, **overrides)
     cfg = load_config(args.data) if args.data else config_from_dict(ckpt["config"])
     _, val = load_data(cfg, None)
