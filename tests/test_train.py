@@ -283,3 +283,19 @@ def test_logs_without_a_terminal_are_timestamped_lines(tmp_path, tiny_cfg, capsy
     )
     assert any("stage 1 epoch 1: AP" in ln for ln in lines)
     assert "\r" not in out.out + out.err
+
+
+def test_best_is_the_last_epoch_when_the_metric_never_moves(tmp_path, tiny_cfg, monkeypatch):
+    from efpn.engine import train as train_mod
+
+    real = train_mod.evaluate_model
+
+    def flat(*a, **k):
+        m = real(*a, **k)
+        m["AP_small"] = 0.0
+        return m
+
+    monkeypatch.setattr(train_mod, "evaluate_model", flat)
+    cfg = tiny_cfg(**{"stage1.optim.epochs": 2})
+    Trainer(cfg, tmp_path / "run", quiet=True).run_stage(1)
+    assert load_checkpoint(tmp_path / "run" / "stage1" / "best.pt")["epoch"] == 2

@@ -610,9 +610,16 @@ class Trainer:
                         self._say(
                             f"stage {stage} epoch {epoch + 1}: AP {metrics['AP']:.3f} AP_small {score:.3f} AR_small {metrics['AR_small']:.3f}"
                         )
-                    if score > best or not (sdir / "best.pt").exists():
+                    # ties go to the later epoch: when the metric never moves (all 0
+                    # early in training from scratch), the next stage starts from the
+                    # last epoch, not the first
+                    if score >= best or not (sdir / "best.pt").exists():
                         best = max(score, best)
                         save("best.pt", epoch + 1)
+                        if not self.quiet:
+                            self._say(
+                                f"stage {stage}: best.pt is epoch {epoch + 1} (AP_small {score:.3f})"
+                            )
                 save("last.pt", epoch + 1)
                 stop_if_requested(epoch + 1)
         except KeyboardInterrupt:
