@@ -301,3 +301,23 @@ def test_resize_scale_scales_every_image_by_one_factor_and_maps_boxes_back():
     assert out["boxes"].shape[-1] == 4
     if len(out["boxes"]):  # postprocess maps back to the input's pixels
         assert out["boxes"][:, 2].max() <= 300 + 1e-3
+
+
+def test_gated_merge_keeps_each_head_where_the_box_is_of_its_size():
+    from efpn.models import efpn_resnet18_fpn
+
+    model = efpn_resnet18_fpn(num_classes=3, out_channels=16, small_roi_size=32, merge="gated")
+    heads = model.roi_heads
+    boxes = [torch.tensor([[0.0, 0, 20, 20], [0, 0, 50, 50], [0, 0, 20, 20], [0, 0, 50, 50], [0, 0, 50, 50]])]
+    source = torch.tensor([1, 1, 2, 2, 0])  # P'2 head small/large, original head small/large, large RoI
+    logits = torch.log(torch.tensor([[0.1, 0.6, 0.3]]).repeat(5, 1))
+    deltas = torch.zeros(5, 3 * 4)  # decoded boxes = the RoIs
+    probs = torch.softmax(heads._gate(logits, deltas, boxes, source), -1)
+    kept = torch.tensor([[0.1, 0.6, 0.3]])
+    dropped = torch.tensor([[1.0, 0.0, 0.0]])
+    torch.testing.assert_close(probs[[0, 3, 4]], kept.repeat(3, 1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(probs[[1, 2]], dropped.repeat(2, 1), atol=1e-6, rtol=0)
+    model.eval()
+    with torch.no_grad():
+        out = model([torch.rand(3, 96, 96)])[0]
+    assert out["boxes"].shape[-1] == 4
