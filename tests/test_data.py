@@ -313,3 +313,60 @@ def test_aerial_cars_real_data(shared_data):
     assert val.num_boxes() == 519
     image, target = DetectionDataset(val, build_transforms(train=False))[0]
     assert image.shape[0] == 3 and len(target["boxes"]) > 0
+
+
+def test_conversion_and_reader_gaps_are_refused_or_counted(tmp_path, caplog):
+    import json as _json
+    import logging
+
+    from efpn.cli import main
+    from efpn.data import read_dataset, write_yolo
+    from efpn.data.records import DataError
+
+    img = np.zeros((20, 30, 3), np.uint8)
+    (tmp_path / "c").mkdir()
+    Image.fromarray(img).save(tmp_path / "c" / "a.png")
+    Image.fromarray(img).save(tmp_path / "c" / "a.jpg")
+    coco = {
+        "images": [
+            {"id": 1, "file_name": "a.png", "width": 30, "height": 20},
+            {"id": 2, "file_name": "a.jpg", "width": 30, "height": 20},
+        ],
+        "annotations": [],
+        "categories": [{"id": 1, "name": "x"}],
+    }
+    (tmp_path / "c" / "gt.json").write_text(_json.dumps(coco))
+    data = read_dataset(tmp_path / "c" / "gt.json", "coco")
+    with pytest.raises(DataError, match="share one YOLO label file"):
+        write_yolo(data, tmp_path / "y")
+    coco["images"][1]["id"] = 1  # duplicate id
+    (tmp_path / "c" / "dup.json").write_text(_json.dumps(coco))
+    with pytest.raises(DataError, match="image id 1 appears twice"):
+        read_dataset(tmp_path / "c" / "dup.json", "coco")
+    # convert refuses to mix new labels with old images in a used --out
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "old.png").write_text("x")
+    coco["images"] = coco["images"][:1]
+    (tmp_path / "c" / "one.json").write_text(_json.dumps(coco))
+    args = [
+        "data",
+        "convert",
+        "--from",
+        "coco",
+        "--to",
+        "yolo",
+        str(tmp_path / "c" / "one.json"),
+        "--out",
+        str(tmp_path / "used"),
+    ]
+    assert main(args) == 2
+    assert main([*args, "--overwrite"]) == 0 and not (tmp_path / "used" / "old.png").exists()
+    # YOLO: a 6-field line (a prediction with a score) is not a label; orphan labels are counted
+    y = tmp_path / "used"
+    (y / "labels" / "stray.txt").write_text("0 0.5 0.5 0.1 0.1\n")
+    with caplog.at_level(logging.WARNING, logger="efpn.data"):
+        read_dataset(y, "yolo")
+    assert "1 label file(s) without an image" in caplog.text
+    (y / "labels" / "a.txt").write_text("0 0.5 0.5 0.1 0.1 0.9\n")
+    with pytest.raises(DataError, match=r"a\.txt:1: expected 'class cx cy w h'"):
+        read_dataset(y, "yolo")

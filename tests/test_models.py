@@ -308,8 +308,14 @@ def test_gated_merge_keeps_each_head_where_the_box_is_of_its_size():
 
     model = efpn_resnet18_fpn(num_classes=3, out_channels=16, small_roi_size=32, merge="gated")
     heads = model.roi_heads
-    boxes = [torch.tensor([[0.0, 0, 20, 20], [0, 0, 50, 50], [0, 0, 20, 20], [0, 0, 50, 50], [0, 0, 50, 50]])]
-    source = torch.tensor([1, 1, 2, 2, 0])  # P'2 head small/large, original head small/large, large RoI
+    boxes = [
+        torch.tensor(
+            [[0.0, 0, 20, 20], [0, 0, 50, 50], [0, 0, 20, 20], [0, 0, 50, 50], [0, 0, 50, 50]]
+        )
+    ]
+    source = torch.tensor(
+        [1, 1, 2, 2, 0]
+    )  # P'2 head small/large, original head small/large, large RoI
     logits = torch.log(torch.tensor([[0.1, 0.6, 0.3]]).repeat(5, 1))
     deltas = torch.zeros(5, 3 * 4)  # decoded boxes = the RoIs
     probs = torch.softmax(heads._gate(logits, deltas, boxes, source), -1)

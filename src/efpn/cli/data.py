@@ -31,6 +31,7 @@ def _add_data(sub) -> None:
     c.add_argument(
         "--keep-other", action="store_true", help="TT100K: keep the other declared classes"
     )
+    c.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     c.set_defaults(func=_cmd_data_convert)
 
     s = dsub.add_parser("stats", help="image count, boxes per class and size histograms")
@@ -105,9 +106,21 @@ def _reader_kwargs(fmt: str, args) -> dict:
 
 
 def _cmd_data_convert(args) -> int:
+    import shutil
+    from pathlib import Path
+
     from ..data import read_dataset, write_coco, write_yolo
 
+    target = Path(args.out)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        if not args.overwrite or not target.is_dir():
+            raise ValueError(
+                f"{target}: exists and is not empty (old images would stay beside the new labels); "
+                "pass --overwrite or another --out"
+            )
     data = read_dataset(args.source, args.src_format, **_reader_kwargs(args.src_format, args))
+    if target.exists() and args.overwrite:
+        shutil.rmtree(target)
     out = write_coco(data, args.out) if args.dst_format == "coco" else write_yolo(data, args.out)
     print(
         f"wrote {len(data.images)} images, {data.num_boxes()} boxes, {len(data.classes)} classes as {args.dst_format} to {out}"

@@ -81,6 +81,10 @@ def read_coco(ann_file: str | Path, image_root: str | Path | None = None) -> Det
     cat_index = {c["id"]: i for i, c in enumerate(cats)}
     images: dict[int, ImageRecord] = {}
     for entry in d["images"]:
+        if isinstance(entry, dict) and entry.get("id") in images:
+            raise DataError(
+                f"{src}: image id {entry['id']} appears twice (the second is {entry.get('file_name')!r})"
+            )
         try:
             images[entry["id"]] = ImageRecord(
                 entry["file_name"],
@@ -269,10 +273,10 @@ def read_yolo(
                 if not parts:
                     continue
                 try:
+                    if len(parts) != 5:  # 6 fields is a prediction with a score, not a label
+                        raise ValueError
                     c = int(parts[0])
                     cx, cy, bw, bh = (float(v) for v in parts[1:5])
-                    if len(parts) < 5:
-                        raise ValueError
                 except ValueError:
                     raise DataError(
                         f"{label_path}:{ln}: expected 'class cx cy w h', got {line.strip()!r}"
@@ -295,6 +299,19 @@ def read_yolo(
                 idx + 1,
             )
         )
+    if split is None and (root / "labels").is_dir():
+        stems = {Path(*rel.parts[1:]).with_suffix("").as_posix() for rel in files}
+        orphans = [
+            p
+            for p in (root / "labels").rglob("*.txt")
+            if p.relative_to(root / "labels").with_suffix("").as_posix() not in stems
+        ]
+        if orphans:
+            import logging
+
+            logging.getLogger("efpn.data").warning(
+                f"{root}: skipped {len(orphans)} label file(s) without an image (e.g. {orphans[0]})"
+            )
     return _finish(DetectionData(root, classes, records, str(root)))
 
 
@@ -302,6 +319,14 @@ def write_yolo(data: DetectionData, out_dir: str | Path) -> Path:
     """Write ``images/``, ``labels/`` and ``classes.txt`` under ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    stems: dict[str, str] = {}
+    for r in data.images:
+        key = Path(r.file_name).with_suffix("").as_posix()
+        if key in stems:
+            raise DataError(
+                f"{data.source}: {stems[key]!r} and {r.file_name!r} would share one YOLO label file; rename one"
+            )
+        stems[key] = r.file_name
     names = _place_images(data, out_dir, "images")
     for r, rel in zip(data.images, names):
         label_path = (out_dir / "labels" / Path(*Path(rel).parts[1:])).with_suffix(".txt")
