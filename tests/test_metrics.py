@@ -304,3 +304,21 @@ def test_cli_eval_json(tmp_path, capsys):
         == 2
     )
     assert "broken.json: invalid JSON" in capsys.readouterr().err
+
+
+def test_tables_print_na_where_a_figure_is_undefined():
+    from efpn.metrics.tt100k import table_cells
+
+    none = {"accuracy": 1.0, "recall": 0.0, "f1": 0.0, "tp": 0, "detections": 0, "ground_truth": 5}
+    assert table_cells(none) == ("n/a", "0.0000", "0.0000")
+    empty = {"accuracy": 1.0, "recall": 1.0, "f1": 1.0, "tp": 0, "detections": 0, "ground_truth": 0}
+    assert table_cells(empty) == ("n/a", "n/a", "n/a")
+    some = {
+        "accuracy": 0.5,
+        "recall": 0.25,
+        "f1": 1 / 3,
+        "tp": 1,
+        "detections": 2,
+        "ground_truth": 4,
+    }
+    assert table_cells(some) == ("0.5000", "0.2500", "0.3333")

@@ -246,6 +246,7 @@ def _cmd_eval(args) -> int:
     from ..data.formats import TT100K_45, load_json
     from ..data.records import DataError
     from ..metrics import coco_metrics, evaluate_tt100k_bins
+    from ..metrics.tt100k import table_cells
 
     gt = load_json(args.gt)
     dets = load_json(args.dets)
@@ -284,8 +285,9 @@ def _cmd_eval(args) -> int:
     print(f"  {'size':<8}{'accuracy':>10}{'recall':>10}{'F1':>10}{'TP':>8}{'dets':>8}{'GT':>8}")
     for k in order:
         r = res[k]
+        acc, rec, f1 = table_cells(r)
         print(
-            f"  {k:<8}{r['accuracy']:>10.4f}{r['recall']:>10.4f}{r['f1']:>10.4f}{r['tp']:>8}{r['detections']:>8}{r['ground_truth']:>8}"
+            f"  {k:<8}{acc:>10}{rec:>10}{f1:>10}{r['tp']:>8}{r['detections']:>8}{r['ground_truth']:>8}"
         )
     return 0
 

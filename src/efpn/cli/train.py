@@ -192,13 +192,15 @@ def _cmd_val(args) -> int:
         print(json.dumps(m))
         return 0
     print(f"COCO box metrics of {args.weights} on {val.source} ({len(val.images)} images):")
-    for k in metric_keys():
-        print(f"  {k:<10} {m[k]:7.3f}")
+    from ..metrics.tt100k import table_cells
+
+    for k in metric_keys():  # COCO's -1: no object of that size
+        print(f"  {k:<10} {m[k]:7.3f}" if m[k] >= 0 else f"  {k:<10}     n/a")
     print(f"TT100K-style at score >= {args.score_thresh}:")
     print(f"  {'size':<8}{'accuracy':>10}{'recall':>10}{'F1':>10}")
     for k in ["overall", "small", "medium", "large"]:
-        r = m["tt100k"][k]
-        print(f"  {k:<8}{r['accuracy']:>10.4f}{r['recall']:>10.4f}{r['f1']:>10.4f}")
+        acc, rec, f1 = table_cells(m["tt100k"][k])
+        print(f"  {k:<8}{acc:>10}{rec:>10}{f1:>10}")
     print(
         f"best F1_small over thresholds: {m['f1_small']:.4f}; {m['seconds_per_image']:.3f} s/image"
     )

@@ -191,3 +191,14 @@ def accuracy_recall_curve(
     if monotone:
         acc = np.maximum.accumulate(np.asarray(acc)).tolist()
     return {"threshold": thresholds, "accuracy": acc, "recall": rec}
+
+
+def table_cells(summary: dict) -> tuple[str, str, str]:
+    """Accuracy, recall and F1 of a :meth:`TT100KResult.summary` for a printed table:
+    ``n/a`` where undefined (accuracy without detections, recall and F1 without ground
+    truth) instead of the 1.0 that the curves use at their end."""
+    dets, gt = summary["detections"], summary["ground_truth"]
+    acc = f"{summary['accuracy']:.4f}" if dets else "n/a"
+    rec = f"{summary['recall']:.4f}" if gt else "n/a"
+    f1 = "n/a" if not gt else f"{summary['f1'] if dets else 0.0:.4f}"
+    return acc, rec, f1
