@@ -370,3 +370,50 @@ def test_conversion_and_reader_gaps_are_refused_or_counted(tmp_path, caplog):
     (y / "labels" / "a.txt").write_text("0 0.5 0.5 0.1 0.1 0.9\n")
     with pytest.raises(DataError, match=r"a\.txt:1: expected 'class cx cy w h'"):
         read_dataset(y, "yolo")
+
+
+def test_data_commands_do_not_import_torch(tmp_path):
+    import subprocess
+    import sys
+
+    root = tmp_path / "y"
+    (root / "labels").mkdir(parents=True)
+    (root / "images").mkdir()
+    (root / "classes.txt").write_text("car\n")
+    for i in range(5):
+        Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(root / "images" / f"{i}.png")
+        (root / "labels" / f"{i}.txt").write_text("0 0.5 0.5 0.25 0.25\n")
+    commands = [
+        ["data", "stats", str(root)],
+        ["data", "split", str(root), "--val", "0.4"],
+        [
+            "data",
+            "convert",
+            "--from",
+            "yolo",
+            "--to",
+            "coco",
+            str(root),
+            "--out",
+            str(tmp_path / "c"),
+        ],
+    ]
+    script = (
+        "import sys\nfrom efpn.cli import main\n"
+        f"for c in {commands!r}:\n    assert main(c) == 0, c\n"
+        "gt = sys.argv[1]\n"
+        "assert main(['eval', '--format', 'coco', '--gt', gt, '--dets', sys.argv[2]]) == 0\n"
+        "loaded = [m for m in ('torch', 'torchvision') if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
+    dets = tmp_path / "dets.json"
+    dets.write_text(
+        json.dumps([{"image_id": 1, "category_id": 1, "bbox": [6, 6, 4, 4], "score": 0.9}])
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "c" / "annotations.json"), str(dets)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-1500:]

@@ -1,6 +1,5 @@
 """Datasets: COCO, YOLO, VOC and TT100K readers, SynthSigns, transforms."""
 
-from .dataset import DetectionDataset, collate, load_rgb
 from .formats import (
     FORMATS,
     TT100K_45,
@@ -13,9 +12,27 @@ from .formats import (
     write_coco,
     write_yolo,
 )
+from .image import load_rgb
 from .records import DataError, DetectionData, ImageRecord, resolve_inside
 from .synthetic import SYNTH_CLASSES, generate
-from .transforms import AugmentConfig, BalancedCropDataset, build_transforms
+
+# torch-dependent names load on first use, so the data commands start without torch
+_LAZY = {
+    "DetectionDataset": ".dataset",
+    "collate": ".dataset",
+    "AugmentConfig": ".transforms",
+    "BalancedCropDataset": ".transforms",
+    "build_transforms": ".transforms",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "FORMATS",

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .dataset import load_rgb
 from .formats import to_coco_dict
+from .image import load_rgb
 from .records import DetectionData, ImageRecord
 
 __all__ = ["slice_dataset", "slice_windows"]

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
+import numpy as np
 
 __all__ = ["coco_gt_to_tt100k", "coco_results_to_tt100k", "to_coco_results", "to_tt100k_results"]
 
 
+def _list(x) -> list:
+    # tensors (without importing torch here) or anything numpy reads
+    if hasattr(x, "detach"):
+        return x.detach().cpu().tolist()
+    return np.asarray(x).tolist()
+
+
 def _rows(output: dict):
-    boxes = torch.as_tensor(output["boxes"]).detach().cpu().tolist()
-    scores = torch.as_tensor(output["scores"]).detach().cpu().tolist()
-    labels = torch.as_tensor(output["labels"]).detach().cpu().tolist()
-    return zip(boxes, scores, labels)
+    return zip(_list(output["boxes"]), _list(output["scores"]), _list(output["labels"]))
 
 
 def to_coco_results(
