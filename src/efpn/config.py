@@ -237,6 +237,11 @@ _RULES = [
     ("data.scale_jitter", lambda v: all(s >= 1 for s in v), "sizes must be 1 or more"),
     ("data.val_fraction", lambda v: 0 <= v < 1, "must be in [0, 1)"),
     (
+        "data.format",
+        lambda v: v in ("synth", "coco", "yolo", "voc", "tt100k", "dota", "visdrone"),
+        "must be synth, coco, yolo, voc, tt100k, dota or visdrone",
+    ),
+    (
         "distill.teacher_mode",
         lambda v: v in ("upsample_teacher", "downsample_student"),
         "must be upsample_teacher or downsample_student",
@@ -298,7 +303,10 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
         except FileNotFoundError:
             raise ValueError(f"{path}: config not found") from None
         except yaml.YAMLError as e:
-            raise ValueError(f"{path}: invalid YAML: {e}") from None
+            detail = " ".join(str(e).split())  # one line
+            raise ValueError(
+                f"{path}: invalid YAML (or a tag safe_load refuses): {detail}"
+            ) from None
     for dotted, value in (overrides or {}).items():
         node = values
         *parents, last = dotted.split(".")

@@ -248,11 +248,17 @@ def _cmd_eval(args) -> int:
     from ..metrics import coco_metrics, evaluate_tt100k_bins
     from ..metrics.tt100k import table_cells
 
-    gt = load_json(args.gt)
+    if Path(args.dets).is_dir() or Path(args.gt).is_dir():
+        raise DataError(
+            f"{args.dets if Path(args.dets).is_dir() else args.gt}: a folder, expected a JSON file"
+        )
     dets = load_json(args.dets)
     if args.format == "coco":
-        if not isinstance(dets, list):
-            raise DataError(f"{args.dets}: COCO results must be a list of detections")
+        from ..data.formats import read_coco, to_coco_dict
+        from ..metrics.results import check_coco_results
+
+        gt = to_coco_dict(read_coco(args.gt))  # the reader's checks, one line each
+        dets = check_coco_results(dets, gt, str(args.dets))
         m = coco_metrics(gt, dets, size_bins=args.size_bins, max_dets=args.max_dets)
         per_class = m.pop("per_class")
         if args.json:
@@ -267,8 +273,14 @@ def _cmd_eval(args) -> int:
         for k, v in per_class.items():
             print(f"  {k:<14} {v:7.3f}")
         return 0
-    if not isinstance(dets, dict) or "imgs" not in dets:
+    gt = load_json(args.gt)
+    if not isinstance(gt, dict) or not isinstance(gt.get("imgs"), dict):
+        raise DataError(f"{args.gt}: TT100K annotations need an 'imgs' object")
+    if not isinstance(dets, dict) or not isinstance(dets.get("imgs"), dict):
         raise DataError(f"{args.dets}: TT100K results need an 'imgs' object")
+    from ..metrics.tt100k import check_tt100k_results
+
+    check_tt100k_results(dets, str(args.dets))
     if args.classes == "tt100k45":
         classes = list(TT100K_45)
     elif args.classes == "all":

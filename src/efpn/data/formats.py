@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import xml.etree.ElementTree as ET
@@ -69,38 +70,59 @@ def _finish(data: DetectionData) -> DetectionData:
 
 
 # ----------------------------------------------------------------------------- COCO
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def read_coco(ann_file: str | Path, image_root: str | Path | None = None) -> DetectionData:
     """Read a COCO detection JSON; image paths are relative to ``image_root``
-    (default: the JSON's folder). Crowd annotations are skipped and counted."""
+    (default: the JSON's folder). Crowd annotations become ignore regions. Every entry
+    is checked; the first problem is a one-line error naming the file and the entry."""
     ann_file = Path(ann_file)
     src = str(ann_file)
     d = load_json(ann_file)
     if not isinstance(d, dict) or "images" not in d or "categories" not in d:
         raise DataError(f"{src}: not a COCO detection file (needs 'images' and 'categories')")
+    for key in ("images", "categories", "annotations"):
+        if not isinstance(d.get(key, []), list):
+            raise DataError(f"{src}: '{key}' must be a list")
+    for i, c in enumerate(d["categories"]):
+        if not isinstance(c, dict) or "id" not in c or not isinstance(c.get("name"), str):
+            raise DataError(f"{src}: category {i} needs an 'id' and a 'name'")
+    root = Path(image_root) if image_root is not None else ann_file.parent
     cats = sorted(d["categories"], key=lambda c: c["id"])
     cat_index = {c["id"]: i for i, c in enumerate(cats)}
     images: dict[int, ImageRecord] = {}
-    for entry in d["images"]:
-        if isinstance(entry, dict) and entry.get("id") in images:
+    for i, entry in enumerate(d["images"]):
+        if not isinstance(entry, dict):
+            raise DataError(f"{src}: image entry {i} is not an object")
+        if entry.get("id") in images:
             raise DataError(
                 f"{src}: image id {entry['id']} appears twice (the second is {entry.get('file_name')!r})"
             )
-        try:
-            images[entry["id"]] = ImageRecord(
-                entry["file_name"],
-                int(entry["width"]),
-                int(entry["height"]),
-                image_id=int(entry["id"]),
+        for key in ("id", "file_name", "width", "height"):
+            if key not in entry:
+                raise DataError(f"{src}: image entry {entry.get('id', i)} lacks '{key}'")
+        w, h = entry["width"], entry["height"]
+        if not (_is_number(w) and _is_number(h) and w > 0 and h > 0):
+            raise DataError(
+                f"{src}: image {entry['id']}: width and height must be positive numbers"
             )
-        except KeyError as e:
-            raise DataError(f"{src}: image entry {entry.get('id', '?')} lacks {e}") from None
+        if not isinstance(entry["file_name"], str):
+            raise DataError(f"{src}: image {entry['id']}: file_name must be a string")
+        resolve_inside(root, entry["file_name"], src)
+        images[entry["id"]] = ImageRecord(
+            entry["file_name"], int(w), int(h), image_id=int(entry["id"])
+        )
     boxes: dict[int, list] = {i: [] for i in images}
     labels: dict[int, list] = {i: [] for i in images}
     crowd_boxes: dict[int, list] = {i: [] for i in images}
     crowd_labels: dict[int, list] = {i: [] for i in images}
     crowd = 0
-    for ann in d.get("annotations", []):
-        aid = ann.get("id", "?")
+    for k, ann in enumerate(d.get("annotations", [])):
+        if not isinstance(ann, dict):
+            raise DataError(f"{src}: annotation {k} is not an object")
+        aid = ann.get("id", k)
         if ann.get("image_id") not in images:
             raise DataError(
                 f"{src}: annotation {aid} refers to unknown image_id {ann.get('image_id')}"
@@ -109,7 +131,12 @@ def read_coco(ann_file: str | Path, image_root: str | Path | None = None) -> Det
             raise DataError(
                 f"{src}: annotation {aid} has category_id {ann.get('category_id')} not declared in categories"
             )
-        x, y, w, h = (float(v) for v in ann["bbox"])
+        bbox = ann.get("bbox")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+            raise DataError(
+                f"{src}: annotation {aid}: bbox must be 4 finite numbers [x, y, w, h], got {bbox!r}"
+            )
+        x, y, w, h = (float(v) for v in bbox)
         if ann.get("iscrowd", 0):  # kept as an ignore region of its class
             crowd += 1
             crowd_boxes[ann["image_id"]].append([x, y, x + w, y + h])
@@ -128,7 +155,6 @@ def read_coco(ann_file: str | Path, image_root: str | Path | None = None) -> Det
         logging.getLogger("efpn.data").info(
             f"{src}: {crowd} crowd annotation(s) kept as ignore regions (not trained on)"
         )
-    root = Path(image_root) if image_root is not None else ann_file.parent
     return _finish(
         DetectionData(
             root,
@@ -277,6 +303,8 @@ def read_yolo(
                         raise ValueError
                     c = int(parts[0])
                     cx, cy, bw, bh = (float(v) for v in parts[1:5])
+                    if not all(math.isfinite(v) for v in (cx, cy, bw, bh)):
+                        raise ValueError
                 except ValueError:
                     raise DataError(
                         f"{label_path}:{ln}: expected 'class cx cy w h', got {line.strip()!r}"

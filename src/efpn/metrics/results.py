@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["coco_gt_to_tt100k", "coco_results_to_tt100k", "to_coco_results", "to_tt100k_results"]
+__all__ = [
+    "check_coco_results",
+    "coco_gt_to_tt100k",
+    "coco_results_to_tt100k",
+    "to_coco_results",
+    "to_tt100k_results",
+]
 
 
 def _list(x) -> list:
@@ -89,3 +96,43 @@ def coco_results_to_tt100k(gt: dict, results: list[dict]) -> dict:
             }
         )
     return {"imgs": imgs}
+
+
+def _finite_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_coco_results(dets, gt: dict, source: str) -> list[dict]:
+    """COCO results checked against their ground truth; the first problem is a
+    one-line error naming the file and the entry."""
+    from ..data.records import DataError
+
+    if not isinstance(dets, list):
+        raise DataError(f"{source}: COCO results must be a list of detections")
+    images = {im["id"] for im in gt["images"]}
+    cats = {c["id"] for c in gt["categories"]}
+    names = {c["name"] for c in gt["categories"]}
+    for i, d in enumerate(dets):
+        where = f"{source}: detection {i}"
+        if not isinstance(d, dict):
+            raise DataError(f"{where}: expected an object, got {type(d).__name__}")
+        for key in ("image_id", "category_id", "bbox", "score"):
+            if key not in d:
+                raise DataError(f"{where}: no {key!r}")
+        if d["image_id"] not in images:
+            raise DataError(f"{where}: image_id {d['image_id']!r} is not in the ground truth")
+        if d["category_id"] not in cats:
+            hint = (
+                " (a category name; results use category ids)" if d["category_id"] in names else ""
+            )
+            raise DataError(
+                f"{where}: category_id {d['category_id']!r} is not in the ground truth{hint}"
+            )
+        b = d["bbox"]
+        if not (isinstance(b, list) and len(b) == 4 and all(_finite_number(v) for v in b)):
+            raise DataError(f"{where}: bbox must be 4 finite numbers [x, y, w, h], got {b!r}")
+        if b[2] < 0 or b[3] < 0:
+            raise DataError(f"{where}: bbox has a negative width or height: {b!r}")
+        if not _finite_number(d["score"]):
+            raise DataError(f"{where}: score must be a finite number, got {d['score']!r}")
+    return dets

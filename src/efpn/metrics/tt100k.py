@@ -7,6 +7,7 @@ size bins on the long side applied after matching; micro-averaged counts.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -202,3 +203,31 @@ def table_cells(summary: dict) -> tuple[str, str, str]:
     rec = f"{summary['recall']:.4f}" if gt else "n/a"
     f1 = "n/a" if not gt else f"{summary['f1'] if dets else 0.0:.4f}"
     return acc, rec, f1
+
+
+def check_tt100k_results(results: dict, source: str) -> None:
+    """TT100K results checked for what the protocol reads: a one-line error naming the
+    file, the image and the object."""
+    from ..data.records import DataError
+
+    for img_id, entry in results["imgs"].items():
+        objs = entry.get("objects", []) if isinstance(entry, dict) else None
+        if not isinstance(objs, list):
+            raise DataError(f"{source}: image {img_id}: expected {{'objects': [...]}}")
+        for k, o in enumerate(objs):
+            where = f"{source}: image {img_id} object {k}"
+            if not isinstance(o, dict) or not isinstance(o.get("bbox"), dict):
+                raise DataError(f"{where}: needs a 'bbox' object")
+            try:
+                vals = [float(o["bbox"][c]) for c in ("xmin", "ymin", "xmax", "ymax")]
+            except (KeyError, TypeError, ValueError):
+                raise DataError(f"{where}: bbox needs numeric xmin, ymin, xmax, ymax") from None
+            if not all(math.isfinite(v) for v in vals):
+                raise DataError(f"{where}: non-finite bbox")
+            if "score" in o:
+                try:
+                    score = float(o["score"])
+                except (TypeError, ValueError):
+                    raise DataError(f"{where}: score must be a number") from None
+                if not math.isfinite(score):
+                    raise DataError(f"{where}: score must be finite, got {o['score']!r}")
