@@ -148,7 +148,7 @@ def study_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
     cfg = write_tiny_config(root, **{"distill.teacher_mode": "upsample_teacher"})
     args = ["study", "--config", str(cfg), "--seeds", "2", "--out", str(root / "s"), "--quiet"]
-    assert main([*args, "--arm", "efpn", "--arm", "lam0", "distill.lam=0", "--arm", "gated"]) == 0
+    assert main([*args, "--arm", "efpn", "--arm", "gated"]) == 0
     return root, args
 
 
@@ -157,12 +157,12 @@ def test_study_pairs_every_arm_with_its_own_stage1(study_run):
     out = root / "s"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["runs"] == ["seed0", "seed1"] and summary["complete"] is True
-    assert set(summary["rows"]) == {"fpn_1x", "fpn_2x", "efpn", "lam0", "gated"}
+    assert set(summary["rows"]) == {"fpn_1x", "fpn_2x", "efpn", "gated"}
     for run in summary["runs"]:
         premise = json.loads((out / run / "premise.json").read_text())
         assert {"holds", "delta_AP_small", "fpn_1x", "fpn_2x", "message"} <= set(premise)
         assert (out / run / "stage1" / "best.pt").exists()
-        for arm in ("efpn", "lam0"):
+        for arm in ("efpn",):
             assert (out / run / arm / "stage3" / "best.pt").exists()
             assert not (out / run / arm / "stage1").exists()  # stage 1 is shared
         # an inference-only arm evaluates efpn's checkpoint instead of training again
@@ -193,11 +193,11 @@ def test_study_resumes_without_training_again(study_run, monkeypatch):
         raise AssertionError("a finished run was trained again")
 
     monkeypatch.setattr(train_mod.Trainer, "run_stage", refuse)
-    assert main([*args, "--arm", "efpn", "--arm", "lam0", "distill.lam=0", "--arm", "gated"]) == 0
+    assert main([*args, "--arm", "efpn", "--arm", "gated"]) == 0
     after = json.loads((root / "s" / "summary.json").read_text())
     assert after["rows"] == before["rows"]
     # another arm's overrides under a used name, or another recipe, are refused
-    assert main([*args, "--arm", "lam0", "distill.lam=0.5"]) == 2
+    assert main([*args, "--arm", "gated", "model.merge=duplicate"]) == 2
     other = root / "other.yaml"
     other.write_text((root / "cfg.yaml").read_text().replace("epochs: 1", "epochs: 2", 1))
     assert main(["study", "--config", str(other), "--seeds", "1", "--out", str(root / "s")]) == 2
