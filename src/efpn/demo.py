@@ -114,7 +114,14 @@ def run_demo(
         "FPN": runs["fpn_1x"]["f1_small_threshold"],
         "EFPN": runs["efpn_1x"]["f1_small_threshold"],
     }
-    draw_comparison(image, preds, gt, out / "fig8_comparison.png", score_thresh=thresholds)
+    draw_comparison(
+        image,
+        preds,
+        gt,
+        out / "fig8_comparison.png",
+        score_thresh=thresholds,
+        class_names=list(val.classes),
+    )
     print()
     print(
         f"{cfg.name} val ({len(val.images)} images, {val.num_boxes()} objects), {cfg.model.backbone}, F1_S at its best threshold:"

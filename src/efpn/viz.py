@@ -111,33 +111,57 @@ def _classify(pred: dict, gt_boxes: torch.Tensor, gt_labels: torch.Tensor, iou: 
     return tp, matched
 
 
+def _font(height: int):
+    from PIL import ImageFont
+
+    size = max(10, int(height / 45))
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: one fixed size
+        return ImageFont.load_default()
+
+
+def _label(d: ImageDraw.ImageDraw, xy, text: str, color, font) -> None:
+    x, y = xy
+    left, top, right, bottom = d.textbbox((0, 0), text, font=font)
+    y = max(y - (bottom - top) - 2, 0)
+    d.rectangle([x, y, x + right - left + 2, y + bottom - top + 2], fill=color)
+    d.text((x + 1, y - top + 1), text, fill=(255, 255, 255), font=font)
+
+
 def draw_detections(
     image: Image.Image,
     pred: dict,
     class_names=None,
     gt: dict | None = None,
     score_thresh: float = 0.5,
+    max_boxes: int | None = None,
 ) -> Image.Image:
-    """Draw predictions; with ``gt``, true positives green, false positives blue and
-    false negatives red (the paper's Fig. 8)."""
+    """Draw predictions with class and score; with ``gt``, true positives green, false
+    positives blue and missed objects red (the paper's Fig. 8). Line width and text
+    follow the image size; ``max_boxes`` keeps the highest-scoring ones."""
     image = image.convert("RGB").copy()
     d = ImageDraw.Draw(image)
-    keep = torch.as_tensor(pred["scores"]) >= score_thresh
+    width = max(2, round(max(image.size) / 400))
+    font = _font(max(image.size))
+    scores = torch.as_tensor(pred["scores"])
+    keep = torch.where(scores >= score_thresh)[0]
+    keep = keep[torch.argsort(scores[keep], descending=True)][:max_boxes]
     pred = {k: torch.as_tensor(v)[keep] for k, v in pred.items()}
     if gt is None:
-        for b, lab, s in zip(
-            pred["boxes"].tolist(), pred["labels"].tolist(), pred["scores"].tolist()
-        ):
-            d.rectangle(b, outline=GREEN, width=2)
-            name = class_names[lab - 1] if class_names else str(lab)
-            d.text((b[0], max(b[1] - 10, 0)), f"{name} {s:.2f}", fill=GREEN)
-        return image
-    tp, matched = _classify(pred, torch.as_tensor(gt["boxes"]), torch.as_tensor(gt["labels"]))
-    for b, ok in zip(pred["boxes"].tolist(), tp.tolist()):
-        d.rectangle(b, outline=GREEN if ok else BLUE, width=2)
-    for b, ok in zip(torch.as_tensor(gt["boxes"]).tolist(), matched.tolist()):
-        if not ok:
-            d.rectangle(b, outline=RED, width=2)
+        tp = torch.ones(len(pred["boxes"]), dtype=torch.bool)
+    else:
+        tp, matched = _classify(pred, torch.as_tensor(gt["boxes"]), torch.as_tensor(gt["labels"]))
+        for b, ok in zip(torch.as_tensor(gt["boxes"]).tolist(), matched.tolist()):
+            if not ok:
+                d.rectangle(b, outline=RED, width=width)
+    for b, lab, sc, ok in zip(
+        pred["boxes"].tolist(), pred["labels"].tolist(), pred["scores"].tolist(), tp.tolist()
+    ):
+        color = GREEN if ok else BLUE
+        d.rectangle(b, outline=color, width=width)
+        name = class_names[lab - 1] if class_names and 0 < lab <= len(class_names) else str(lab)
+        _label(d, (b[0], b[1]), f"{name} {sc:.2f}", color, font)
     return image
 
 
@@ -147,22 +171,36 @@ def draw_comparison(
     gt: dict,
     path: str | Path,
     score_thresh: float | dict[str, float] = 0.5,
+    class_names=None,
 ) -> Path:
-    """Side-by-side Fig. 8-style panels, one per model; ``score_thresh`` may give each
-    model its own threshold (by name), which is then printed above its panel."""
+    """Side-by-side Fig. 8-style panels, one per model, with a legend; ``score_thresh``
+    may give each model its own threshold (by name), printed above its panel. At most
+    twice as many boxes as there are objects are drawn per panel (the top-scoring)."""
     thresholds = (
         score_thresh if isinstance(score_thresh, dict) else dict.fromkeys(preds, score_thresh)
     )
+    cap = max(2 * len(torch.as_tensor(gt["boxes"])), 10)
     panels = [
-        draw_detections(image, p, gt=gt, score_thresh=thresholds[name]) for name, p in preds.items()
+        draw_detections(image, p, class_names, gt=gt, score_thresh=thresholds[name], max_boxes=cap)
+        for name, p in preds.items()
     ]
     w, h = panels[0].size
-    canvas = Image.new("RGB", (w * len(panels), h + 16), (255, 255, 255))
+    font = _font(max(w, h))
+    line = d_h = max(16, int(max(w, h) / 30))
+    canvas = Image.new("RGB", (w * len(panels), h + 2 * line), (255, 255, 255))
     d = ImageDraw.Draw(canvas)
     for i, (name, panel) in enumerate(zip(preds, panels)):
-        canvas.paste(panel, (i * w, 16))
-        label = f"{name} (score >= {thresholds[name]:.2f})"
-        d.text((i * w + 4, 2), label, fill=(0, 0, 0))
+        canvas.paste(panel, (i * w, line))
+        shown = int((torch.as_tensor(preds[name]["scores"]) >= thresholds[name]).sum())
+        label = f"{name}: score >= {thresholds[name]:.2f}" + (
+            f", top {cap} of {shown}" if shown > cap else ""
+        )
+        d.text((i * w + 4, 2), label, fill=(0, 0, 0), font=font)
+    x = 4
+    for text, color in (("true positive", GREEN), ("false positive", BLUE), ("missed", RED)):
+        d.rectangle([x, h + line + 4, x + d_h - 8, h + 2 * line - 4], outline=color, width=3)
+        d.text((x + d_h, h + line + 2), text, fill=(0, 0, 0), font=font)
+        x += d_h + int(d.textlength(text, font=font)) + 20
     canvas.save(path)
     return Path(path)
 
