@@ -283,6 +283,12 @@ def test_logs_without_a_terminal_are_timestamped_lines(tmp_path, tiny_cfg, capsy
     )
     assert any("stage 1 epoch 1: AP" in ln for ln in lines)
     assert "\r" not in out.out + out.err
+    log = (tmp_path / "run" / "train.log").read_text().splitlines()
+    assert any("stage 1 epoch 1/1 step 1/2 loss" in ln for ln in log)
+    assert all(re.match(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] ", ln) for ln in log)
+    # best.pt and the finished stage's last.pt keep no optimiser state
+    for name in ("best.pt", "last.pt"):
+        assert "optimizer" not in load_checkpoint(tmp_path / "run" / "stage1" / name)
 
 
 def test_best_is_the_last_epoch_when_the_metric_never_moves(tmp_path, tiny_cfg, monkeypatch):

@@ -134,6 +134,7 @@ def _add_val(sub) -> None:
     )
     _add_slice_args(p)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
         "overrides",
         nargs="*",
@@ -178,6 +179,7 @@ def _cmd_val(args) -> int:
         scale=args.scale,
         score_thresh=args.score_thresh,
         size_reference=args.size_reference or cfg.eval_size_reference,
+        quiet=args.quiet,
         slicing=None
         if args.slice is None
         else {

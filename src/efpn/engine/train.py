@@ -436,9 +436,10 @@ class Trainer:
         if resuming:
             ckpt = load_checkpoint(sdir / "last.pt")
             model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            scaler.load_state_dict(ckpt["scaler"])
+            if "optimizer" in ckpt:  # a finished stage's last.pt has none (nothing to resume)
+                optimizer.load_state_dict(ckpt["optimizer"])
+                scheduler.load_state_dict(ckpt["scheduler"])
+                scaler.load_state_dict(ckpt["scaler"])
             start_epoch, step, best = ckpt["epoch"], ckpt["step"], ckpt["best"]
             restore_rng(ckpt["rng"])
             if dist_utils.is_main():
@@ -465,9 +466,15 @@ class Trainer:
                 "trainable": trainable,
             }
 
-        def save(name: str, epoch: int) -> None:
+        def save(name: str, epoch: int, slim: bool = False) -> None:
+            # best.pt, and last.pt once the stage is over, keep what inference and the
+            # next stage need: no optimiser, scheduler or scaler state (half the disk)
             if dist_utils.is_main():
-                save_checkpoint(state(epoch), sdir / name)
+                st = state(epoch)
+                if slim or name == "best.pt":
+                    for key in ("optimizer", "scheduler", "scaler"):
+                        st.pop(key)
+                save_checkpoint(st, sdir / name)
                 self._write_csv(sdir, rows)
 
         bad = 0
@@ -558,12 +565,18 @@ class Trainer:
                         {k: float(v.detach()) for k, v in losses.items() if k in LOSS_COLUMNS}
                     )
                     rows.append(row)
-                    if self._log_lines and step % max(cfg.log_every, 1) == 0:
+                    if (
+                        not self.quiet
+                        and dist_utils.is_main()
+                        and step % max(cfg.log_every, 1) == 0
+                    ):
+                        # a line in train.log; on the output too unless a bar shows it
                         self._say(
                             f"stage {stage} epoch {epoch + 1}/{o.epochs} step {step}/{total} "
-                            f"loss {row['loss']:.4f} lr {row['lr']:.3g}"
+                            f"loss {row['loss']:.4f} lr {row['lr']:.3g}",
+                            echo=not self.tty,
                         )
-                    elif not self.quiet and self.tty:
+                    if not self.quiet and self.tty:
                         bar.set_postfix(
                             {
                                 k: f"{v:.3f}"
@@ -620,7 +633,7 @@ class Trainer:
                             self._say(
                                 f"stage {stage}: best.pt is epoch {epoch + 1} (AP_small {score:.3f})"
                             )
-                save("last.pt", epoch + 1)
+                save("last.pt", epoch + 1, slim=epoch + 1 == o.epochs)
                 stop_if_requested(epoch + 1)
         except KeyboardInterrupt:
             interrupted = True
@@ -644,17 +657,17 @@ class Trainer:
                 plot_losses(rows, sdir / "losses.png", title=f"stage {stage}")
         return sdir / "best.pt"
 
-    @property
-    def _log_lines(self) -> bool:
-        # without a terminal, progress bars become \r-joined noise: print lines instead
-        return not self.quiet and not self.tty and dist_utils.is_main()
-
-    def _say(self, msg: str) -> None:
-        """A progress line: timestamped when the output is not a terminal."""
-        if self.tty:
+    def _say(self, msg: str, echo: bool = True) -> None:
+        """A progress line: timestamped when the output is not a terminal, and always
+        appended, timestamped, to ``train.log`` in the run folder."""
+        line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}"
+        if echo and self.tty:
             tqdm.write(msg)
-        else:
-            print(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}", flush=True)
+        elif echo:
+            print(line, flush=True)
+        if dist_utils.is_main():
+            with open(self.out / "train.log", "a") as f:
+                f.write(line + "\n")
 
     def _initialise(self, model: nn.Module, stage: int, path: Path) -> None:
         """Stage 1 from a trained detector (torchvision or ours; a predictor of another
