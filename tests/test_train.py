@@ -270,6 +270,27 @@ def test_every_recipe_key_is_documented():
 
     missing = sorted({k for k in keys(Config) if f"`{k}`" not in doc})
     assert not missing, f"docs/config.md does not document {missing}"
+    from efpn.config_docs import key_help, render_markdown
+
+    assert doc == render_markdown(), "docs/config.md is stale: efpn config docs > docs/config.md"
+    helps = key_help()
+    dotted = [
+        f"{s}.{f}"
+        for s in ("data", "model", "distill")
+        for f in dataclasses.asdict(getattr(Config(), s))
+    ]
+    assert not [k for k in dotted if k not in helps]
+
+
+def test_config_show_comments_every_key(tmp_path, capsys):
+    from efpn.cli import main
+
+    assert main(["config", "show", "stage1.optim.epochs=3"]) == 0
+    out = capsys.readouterr().out
+    assert "    epochs: 3  # epochs (a whole number, 1 or more)." in out
+    assert "  min_size: 512  # the test scale S" in out
+    body = [ln for ln in out.splitlines() if not ln.rstrip().endswith(":")]
+    assert body and all("  # " in ln for ln in body)
 
 
 def test_logs_without_a_terminal_are_timestamped_lines(tmp_path, tiny_cfg, capsys):

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from .. import __version__
-from . import bench, data, study, train
+from . import bench, config, data, study, train
 
 __all__ = ["build_parser", "main"]
 
@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"efpn {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for group in (bench, data, train, study):
+    for group in (bench, data, train, study, config):
         group.register(sub)
     return parser
 
@@ -41,3 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `efpn ... | head`: the reader left; not an error of ours
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
