@@ -57,8 +57,12 @@ def test_val_matches_the_runs_evaluation(trained_run, capsys):
     for key in ("AP", "AP_small", "AR_small", "f1_small"):
         assert printed[key] == pytest.approx(saved[key], abs=1e-9)
     assert set(printed["tt100k"]) == {"overall", "small", "medium", "large"}
-    assert main(["val", "--weights", str(run / "stage1" / "best.pt")]) == 0
+    save = run.parent / "val_results.json"
+    assert main(["val", "--weights", str(run / "stage1" / "best.pt"), "--save", str(save)]) == 0
     text = capsys.readouterr().out
+    last = text.strip().splitlines()[-1]
+    assert f"results in {save}" in last and "detections" in last
+    assert isinstance(json.loads(save.read_text()), list)
     assert "AP_small" in text and "TT100K-style at score >= 0.5" in text
     assert "P'2 computed" not in text  # the baseline has no P'2
 

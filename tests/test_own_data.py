@@ -19,7 +19,7 @@ SMALL = [
 def _scene(path, boxes, size=64):
     img = np.full((size, size, 3), 90, np.uint8)
     for x1, y1, x2, y2 in boxes:
-        img[y1:y2, x1:x2] = (230, 30, 30)
+        img[int(y1) : int(y2), int(x1) : int(x2)] = (230, 30, 30)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(img).save(path)
 
@@ -154,3 +154,68 @@ def test_data_split_writes_each_formats_split(tmp_path, capsys):
     assert main(["data", "split", str(voc), "--val", "0.2"]) == 0
     assert len(read_dataset(voc, "voc", split="val").images) == 1
     assert len(read_dataset(voc, "voc", split="train").images) == 4
+
+
+def test_convert_keeps_the_split_and_reads_back_without_warnings(tmp_path, caplog):
+    import logging
+
+    from efpn.data import read_dataset
+
+    root = tmp_path / "v"
+    for i in range(4):
+        _voc(root, f"t{i}", [("a", (5.5, 5, 20.25, 20)), ("b", (30, 30, 50, 44))], "train")
+    for i in range(2):
+        _voc(root, f"v{i}", [("b", (10, 10, 30, 28))], "val")
+    args = ["data", "convert", "--from", "voc", str(root)]
+    assert main([*args, "--to", "yolo", "--out", str(tmp_path / "y")]) == 0
+    assert main([*args, "--to", "coco", "--out", str(tmp_path / "c")]) == 0
+    with caplog.at_level(logging.WARNING, logger="efpn.data"):
+        tr = read_dataset(tmp_path / "y", "yolo", split="train")
+        va = read_dataset(tmp_path / "y", "yolo", split="val")
+    assert not caplog.records, caplog.text  # no clipping from rounding
+    assert len(tr.images) == 4 and len(va.images) == 2 and tr.classes == ["a", "b"]
+    np.testing.assert_allclose(tr.images[0].boxes[0], [5.5, 5, 20.25, 20], atol=1e-6)
+    c_val = read_dataset(tmp_path / "c" / "annotations_val.json", "coco")
+    assert (
+        len(c_val.images) == 2
+        and len(read_dataset(tmp_path / "c" / "annotations_train.json", "coco").images) == 4
+    )
+
+
+def test_one_line_training_on_a_coco_json(tmp_path):
+    from efpn.config import load_config
+
+    root = tmp_path / "c"
+    coco = {"images": [], "annotations": [], "categories": [{"id": 3, "name": "sign"}]}
+    for i in range(5):
+        _scene(root / "images" / f"{i}.png", [(8, 8, 24, 24)])
+        coco["images"].append(
+            {"id": i + 1, "file_name": f"images/{i}.png", "width": 64, "height": 64}
+        )
+        coco["annotations"].append(
+            {
+                "id": i + 1,
+                "image_id": i + 1,
+                "category_id": 3,
+                "bbox": [8, 8, 16, 16],
+                "area": 256,
+                "iscrowd": 0,
+            }
+        )
+    (root / "train.json").write_text(json.dumps(coco))
+    out = tmp_path / "run"
+    args = [
+        "train",
+        "--data",
+        str(root / "train.json"),
+        "--imgsz",
+        "64",
+        "--epochs",
+        "1",
+        "--batch",
+        "2",
+    ]
+    assert main([*args, "--out", str(out), "--stage", "1", "--quiet", *SMALL]) == 0
+    cfg = load_config(out / "config.yaml")
+    assert cfg.data.format == "coco" and cfg.data.val_fraction == 0.2
+    assert (out / "stage1" / "best.pt").exists()

@@ -118,14 +118,93 @@ def _cmd_data_convert(args) -> int:
                 f"{target}: exists and is not empty (old images would stay beside the new labels); "
                 "pass --overwrite or another --out"
             )
-    data = read_dataset(args.source, args.src_format, **_reader_kwargs(args.src_format, args))
+    splits = _source_splits(args)
+    if splits:  # keep the source's train/val split in the output
+        parts = {
+            name: read_dataset(
+                args.source, args.src_format, **_reader_kwargs(args.src_format, args), split=name
+            )
+            for name in splits
+        }
+        data = _merge(list(parts.values()))
+    else:
+        data = read_dataset(args.source, args.src_format, **_reader_kwargs(args.src_format, args))
     if target.exists() and args.overwrite:
         shutil.rmtree(target)
     out = write_coco(data, args.out) if args.dst_format == "coco" else write_yolo(data, args.out)
+    if splits:
+        _write_splits(target, args.dst_format, parts, data)
     print(
         f"wrote {len(data.images)} images, {data.num_boxes()} boxes, {len(data.classes)} classes as {args.dst_format} to {out}"
     )
     return 0
+
+
+def _source_splits(args) -> list[str]:
+    """``["train", "val"]`` when converting a whole dataset that has both splits."""
+    if args.split is not None:
+        return []
+    from pathlib import Path
+
+    src = Path(args.source)
+    if args.src_format == "voc":
+        has = all((src / "ImageSets" / "Main" / f"{n}.txt").exists() for n in ("train", "val"))
+    elif args.src_format == "yolo":
+        from ..recipe import _yolo_has_split
+
+        has = _yolo_has_split(src)
+    else:
+        has = False
+    return ["train", "val"] if has else []
+
+
+def _merge(parts):
+    import copy
+
+    from ..data.records import DetectionData
+
+    first = parts[0]
+    images = []
+    for part in parts:
+        for r in part.images:
+            r = copy.copy(r)
+            r.image_id = len(images) + 1
+            images.append(r)
+    return DetectionData(
+        first.root, list(first.classes), images, first.source, list(first.category_ids)
+    )
+
+
+def _write_splits(out, fmt: str, parts: dict, merged) -> None:
+    """The split beside the converted data: YOLO ``splits.json``, COCO
+    ``annotations_<split>.json``."""
+    import json
+    from pathlib import PurePosixPath
+
+    which = {}
+    for name, part in parts.items():
+        for r in part.images:
+            which.setdefault(r.file_name, name)
+    if fmt == "yolo":
+        # names as write_yolo placed them, relative to images/
+        listing = {name: [] for name in parts}
+        for r in merged.images:
+            rel = PurePosixPath(r.file_name)
+            if rel.parts and rel.parts[0] == "images":
+                rel = PurePosixPath(*rel.parts[1:])
+            listing[which[r.file_name]].append(rel.as_posix())
+        (out / "splits.json").write_text(json.dumps(listing, indent=1))
+        return
+    coco = json.loads((out / "annotations.json").read_text())
+    names = {im["id"]: r.file_name for im, r in zip(coco["images"], merged.images)}
+    for name in parts:
+        ids = {i for i, f in names.items() if which[f] == name}
+        part = {
+            **coco,
+            "images": [im for im in coco["images"] if im["id"] in ids],
+            "annotations": [a for a in coco["annotations"] if a["image_id"] in ids],
+        }
+        (out / f"annotations_{name}.json").write_text(json.dumps(part))
 
 
 def _cmd_data_stats(args) -> int:

@@ -135,6 +135,7 @@ def _add_val(sub) -> None:
     _add_slice_args(p)
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--save", default=None, metavar="FILE", help="write the COCO results here")
     p.add_argument(
         "overrides",
         nargs="*",
@@ -146,6 +147,7 @@ def _add_val(sub) -> None:
 
 def _cmd_val(args) -> int:
     import json
+    from pathlib import Path
 
     from ..config import config_from_dict, load_config
     from ..engine.evaluate import evaluate_model
@@ -189,7 +191,10 @@ def _cmd_val(args) -> int:
             "full_image": args.full_image,
         },
     )
-    m.pop("_results", None)
+    results = m.pop("_results", [])
+    if args.save:
+        Path(args.save).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.save).write_text(json.dumps(results))
     if args.json:
         print(json.dumps(m))
         return 0
@@ -208,6 +213,15 @@ def _cmd_val(args) -> int:
     )
     if m["p2x_coverage"] is not None:
         print(f"P'2 computed on {m['p2x_coverage']:.1%} of the stride-2 map (mean per image)")
+    kept = sum(r["score"] >= args.score_thresh for r in results)
+    print(
+        f"{len(val.images)} images, {len(results)} detections ({kept} at score >= {args.score_thresh}); "
+        + (
+            f"results in {args.save}"
+            if args.save
+            else "results not written (--save FILE writes them)"
+        )
+    )
     return 0
 
 
