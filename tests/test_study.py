@@ -215,3 +215,18 @@ def test_coco_ap_counts_only_the_evaluated_classes(tmp_path):
     assert evaluate_model(oracle, both, quiet=True)["AP"] == pytest.approx(0.5)
     only_x = DetectionData(tmp_path, ["x", "other"], [rec], eval_classes=["x"])
     assert evaluate_model(oracle, only_x, quiet=True)["AP"] == pytest.approx(1.0)
+
+
+def test_study_and_demo_take_recipe_overrides(tmp_path, capsys):
+    from conftest import write_tiny_config
+    from efpn.cli import main
+
+    cfg = write_tiny_config(tmp_path)
+    argv = ["study", "--config", str(cfg), "--seeds", "1", "--out", str(tmp_path / "s")]
+    assert main([*argv, "--set", "stage1.optim.lr=fast"]) == 2
+    assert "stage1.optim.lr: expected a number" in capsys.readouterr().err
+    assert (
+        main(["demo", "--config", str(cfg), "--out", str(tmp_path / "d"), "stage1.optim.epochs=0"])
+        == 2
+    )
+    assert "stage1.optim.epochs must be 1 or more" in capsys.readouterr().err

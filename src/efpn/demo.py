@@ -48,6 +48,7 @@ def run_demo(
     out: str | Path = "runs/demo",
     quiet: bool = False,
     eval_only: bool = False,
+    overrides: dict | None = None,
 ) -> dict:
     """Generate SynthSigns, train FPN and EFPN (stages 1-3), compare on the val split.
 
@@ -56,7 +57,7 @@ def run_demo(
     runs on the checkpoints already in ``out``.
     """
     start = time.perf_counter()
-    cfg = load_config(config or default_config())
+    cfg = load_config(config or default_config(), overrides)
     out = Path(out)
     premise = None
     if eval_only:

@@ -404,6 +404,7 @@ def run_study(
     folds: int = 0,
     arms: list[list[str]] | None = None,
     quiet: bool = False,
+    overrides: dict | None = None,
 ) -> dict:
     """Run (or resume) a study and write its summary; returns ``summary.json``'s content.
 
@@ -414,6 +415,7 @@ def run_study(
         folds: 0 for the recipe's split; K >= 2 for K folds over train+val.
         arms: ``--arm`` specs (:func:`parse_arms`); ``None`` gives the arm ``efpn``.
         quiet: no progress bars from the trainer.
+        overrides: dotted-key changes to the recipe, for every run and arm.
     """
     from .engine.evaluate import evaluate_model
     from .engine.premise import ROW_KEYS
@@ -423,7 +425,7 @@ def run_study(
         raise ValueError(f"--seeds must be 1 or more, got {seeds}")
     if folds == 1 or folds < 0:
         raise ValueError(f"--folds must be 0 (the recipe's split) or 2 or more, got {folds}")
-    base = load_config(config)
+    base = load_config(config, overrides)
     arm_list = parse_arms(arms, base)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -33,11 +33,19 @@ def _add_study(sub) -> None:
     )
     p.add_argument("--out", required=True, help="study folder (resumes when it exists)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe override for every run and arm, e.g. --set stage1.optim.epochs=3 (repeatable)",
+    )
     p.set_defaults(func=_cmd_study)
 
 
 def _cmd_study(args) -> int:
     from ..study import run_study
+    from .train import parse_overrides
 
     run_study(
         args.config,
@@ -46,6 +54,7 @@ def _cmd_study(args) -> int:
         arms=args.arm,
         out=args.out,
         quiet=args.quiet,
+        overrides=parse_overrides(args.set),
     )
     return 0
 

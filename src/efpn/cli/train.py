@@ -299,13 +299,20 @@ def _add_demo(sub) -> None:
         "--eval-only", action="store_true", help="compare the checkpoints already in --out"
     )
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
     p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args) -> int:
     from ..demo import run_demo
 
-    run_demo(args.config, args.out, quiet=args.quiet, eval_only=args.eval_only)
+    run_demo(
+        args.config,
+        args.out,
+        quiet=args.quiet,
+        eval_only=args.eval_only,
+        overrides=parse_overrides(args.overrides),
+    )
     return 0
 
 
