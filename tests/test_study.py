@@ -193,6 +193,10 @@ def test_study_resumes_without_training_again(study_run, monkeypatch):
         raise AssertionError("a finished run was trained again")
 
     monkeypatch.setattr(train_mod.Trainer, "run_stage", refuse)
+    # a study written before a recipe key existed resumes (the key at its default)
+    settings = json.loads((root / "s" / "study.json").read_text())
+    del settings["config"]["data"]["val_fraction"]
+    (root / "s" / "study.json").write_text(json.dumps(settings))
     assert main([*args, "--arm", "efpn", "--arm", "gated"]) == 0
     after = json.loads((root / "s" / "summary.json").read_text())
     assert after["rows"] == before["rows"]

@@ -437,6 +437,12 @@ def run_study(
         "arms": {a.name: a.overrides for a in arm_list},
     }
     previous = _read_json(out / "study.json")
+    if previous is not None:
+        # through the current dataclasses, so keys added since (at their defaults) match
+        try:
+            previous["config"] = config_from_dict(previous.get("config"), "study.json").to_dict()
+        except ValueError:
+            pass
     if previous is not None and previous.get("config") != settings["config"]:
         raise ValueError(
             f"{out}: holds a study of another recipe; give a new --out or remove {out / 'study.json'}"
