@@ -369,3 +369,41 @@ def test_out_of_image_boxes_are_counted_skips(tmp_path, capsys, caplog):
     with caplog.at_level(logging.WARNING, logger="efpn.data"):
         assert main(["data", "stats", str(f), "--format", "coco"]) == 0
     assert "clipped 1 box(es)" in caplog.text and "dropped 1 box(es)" in caplog.text
+
+
+def _png_header_only(path, width, height):
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+
+
+def test_huge_images_are_refused_from_their_header(tmp_path, capsys, monkeypatch):
+    from efpn.data.image import load_rgb
+    from efpn.data.records import DataError
+
+    bomb = tmp_path / "bomb.png"
+    _png_header_only(bomb, 50000, 50000)  # 2.5 gigapixels declared, a few bytes on disk
+    with pytest.raises(DataError, match=r"bomb.png: 50000x50000 is 2500 megapixels.*--slice"):
+        load_rgb(bomb)
+    with pytest.raises(DataError, match="EFPN_MAX_SLICED_PIXELS"):
+        load_rgb(bomb, sliced=True)
+    root = tmp_path / "y"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    (root / "classes.txt").write_text("car\n")
+    _png_header_only(root / "images" / "a.png", 50000, 50000)
+    _expect_error(main(["data", "stats", str(root)]), capsys, "a.png")
+    # the documented override
+    _png(tmp_path / "small.png", 40, 30)
+    monkeypatch.setenv("EFPN_MAX_PIXELS", "1000")
+    with pytest.raises(DataError, match="over the limit of 0"):
+        load_rgb(tmp_path / "small.png")
+    monkeypatch.setenv("EFPN_MAX_PIXELS", "2000")
+    assert load_rgb(tmp_path / "small.png").shape == (30, 40, 3)

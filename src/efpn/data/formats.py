@@ -55,9 +55,14 @@ def load_json(path: str | Path):
 
 
 def _image_size(path: Path, source: str) -> tuple[int, int]:
+    from .image import check_size
+
     try:
         with Image.open(path) as im:
+            check_size(path, *im.size, sliced=True)  # readable at all, if only sliced
             return im.size
+    except DataError:
+        raise
     except FileNotFoundError:
         raise DataError(f"{source}: image {path} not found") from None
     except Exception as e:  # PIL raises several types for undecodable files

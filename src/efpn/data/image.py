@@ -9,14 +9,47 @@ from PIL import Image
 
 from .records import DataError
 
-__all__ = ["load_rgb"]
+__all__ = ["load_rgb", "max_pixels"]
+
+# efpn checks sizes itself (below), with a message that says what to do
+Image.MAX_IMAGE_PIXELS = None
 
 
-def load_rgb(path: str | Path) -> np.ndarray:
+def max_pixels(sliced: bool = False) -> int:
+    """The largest image efpn reads, in pixels: ``EFPN_MAX_PIXELS`` (default 100 million,
+    a 10000x10000 scene, whose float copy alone is 1.2 GB) for whole-image paths, and
+    ``EFPN_MAX_SLICED_PIXELS`` (default 1 billion) for sliced prediction, which keeps the
+    scene as uint8 and converts one batch of tiles at a time."""
+    import os
+
+    name, default = ("EFPN_MAX_SLICED_PIXELS", 10**9) if sliced else ("EFPN_MAX_PIXELS", 10**8)
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        raise DataError(f"{name}={os.environ[name]!r}: expected a whole number of pixels") from None
+
+
+def check_size(path, width: int, height: int, sliced: bool = False) -> None:
+    limit = max_pixels(sliced)
+    if width * height > limit:
+        hint = (
+            "raise EFPN_MAX_SLICED_PIXELS to read it"
+            if sliced
+            else "detect such scenes with --slice, or raise EFPN_MAX_PIXELS"
+        )
+        raise DataError(
+            f"{path}: {width}x{height} is {width * height / 1e6:.0f} megapixels, over the limit "
+            f"of {limit / 1e6:.0f}; {hint}"
+        )
+
+
+def load_rgb(path: str | Path, sliced: bool = False) -> np.ndarray:
     """Load any image as ``(H, W, 3)`` uint8 RGB: grayscale is repeated, alpha dropped,
-    16-bit and float images scaled to 0..255 by their type's range."""
+    16-bit and float images scaled to 0..255 by their type's range. An image over
+    :func:`max_pixels` is refused from its header, before it is decoded."""
     try:
         with Image.open(path) as im:
+            check_size(path, *im.size, sliced=sliced)
             im.load()
             mode = im.mode
             if mode in ("I;16", "I;16B", "I;16L", "I", "F"):

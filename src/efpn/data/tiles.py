@@ -117,7 +117,7 @@ def slice_dataset(
     tiles: list[ImageRecord] = []
     counts = dict(images=0, tiles=0, kept_empty=0, dropped_empty=0, boxes=0, cut_to_ignore=0)
     for r in data.images:
-        image = load_rgb(data.image_path(r))
+        image = load_rgb(data.image_path(r), sliced=True)
         h, w = image.shape[:2]
         if (w, h) != (r.width, r.height):
             raise ValueError(

@@ -75,7 +75,7 @@ def predict(
     step = 1 if slice_size else batch_size
     for start in tqdm(range(0, len(paths), step), desc="predict", disable=quiet or not tty):
         chunk = paths[start : start + step]
-        arrays = [load_rgb(p) for p in chunk]
+        arrays = [load_rgb(p, sliced=bool(slice_size)) for p in chunk]
         if slice_size:
             outputs = [
                 predict_sliced(
