@@ -407,3 +407,17 @@ def test_huge_images_are_refused_from_their_header(tmp_path, capsys, monkeypatch
         load_rgb(tmp_path / "small.png")
     monkeypatch.setenv("EFPN_MAX_PIXELS", "2000")
     assert load_rgb(tmp_path / "small.png").shape == (30, 40, 3)
+
+
+def test_bad_checkpoints_are_one_line_errors(tmp_path, capsys):
+    import torch
+
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "text.pt").write_text("hello")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "plain.pt")  # no config
+    torch.save(
+        {"config": {}, "classes": ["a"], "extended": False, "model": {"x": torch.zeros(1)}},
+        tmp_path / "wrong.pt",
+    )
+    for name in ("empty.pt", "text.pt", "plain.pt", "wrong.pt", "missing.pt"):
+        _expect_error(main(["val", "--weights", str(tmp_path / name)]), capsys, name)

@@ -38,7 +38,7 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise ValueError(
-            f"{path}: not a safe efpn/torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})"
+            f"{path}: not a safe efpn/torch checkpoint ({type(e).__name__}: {(str(e).splitlines() or ['empty or truncated file'])[0]})"
         ) from None
 
 

@@ -170,13 +170,27 @@ def model_from_checkpoint(
     ckpt = load_checkpoint(path)
     from ..config import config_from_dict
 
+    missing = [
+        k
+        for k in ("config", "classes", "model", "extended")
+        if not isinstance(ckpt, dict) or k not in ckpt
+    ]
+    if missing:
+        raise ValueError(
+            f"{path}: not an efpn checkpoint (no {', '.join(missing)}); a torchvision detector's "
+            "weights start training with `efpn train --init`"
+        )
     cfg = config_from_dict(ckpt["config"], f"{path}: config")
     for key, value in model_overrides.items():
         if not hasattr(cfg.model, key):
             raise ValueError(f"{path}: unknown model setting {key!r}")
         setattr(cfg.model, key, value)
     model = build_model(cfg, len(ckpt["classes"]) + 1, ckpt["extended"])
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        first = (str(e).splitlines() or [""])[0]
+        raise ValueError(f"{path}: its weights do not fit its own recipe ({first})") from None
     return model.to(device).eval(), ckpt
 
 
