@@ -234,3 +234,10 @@ def test_study_and_demo_take_recipe_overrides(tmp_path, capsys):
         == 2
     )
     assert "stage1.optim.epochs must be 1 or more" in capsys.readouterr().err
+
+
+def test_premise_message_names_native_factors_for_fixed_scale_models():
+    from efpn.engine.premise import premise_message
+
+    line, holds = premise_message({"AP_small": 0.033}, {"AP_small": 0.031}, 512, 0.5)
+    assert "at 0.5x native (1x), 0.031 at 1x native (2x)" in line and not holds

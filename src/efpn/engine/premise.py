@@ -29,13 +29,20 @@ ADVICE = (
 )
 
 
-def premise_message(fpn_1x: dict, fpn_2x: dict, size: int) -> tuple[str, bool]:
+def premise_message(
+    fpn_1x: dict, fpn_2x: dict, size: int, resize_scale: float | None = None
+) -> tuple[str, bool]:
     """One line with AP_small at S and 2S and their difference; ``True`` when 2S is
-    better on small objects."""
+    better on small objects. ``resize_scale`` names the scales as factors of the native
+    resolution (a fixed-factor model) instead of shorter sides."""
     a1, a2 = fpn_1x["AP_small"], fpn_2x["AP_small"]
     holds = a2 > a1
+    if resize_scale:
+        at1, at2 = f"{resize_scale:g}x native", f"{2 * resize_scale:g}x native"
+    else:
+        at1, at2 = f"{size} px", f"{2 * size} px"
     line = (
-        f"premise: FPN AP_small {a1:.3f} at {size} px (1x), {a2:.3f} at {2 * size} px (2x), "
+        f"premise: FPN AP_small {a1:.3f} at {at1} (1x), {a2:.3f} at {at2} (2x), "
         f"{100 * (a2 - a1):+.1f} points: " + ("holds" if holds else "does NOT hold")
     )
     return line, holds
@@ -73,7 +80,8 @@ def check_premise(
     for m in runs.values():
         m.pop("_results", None)
     size = int(model.transform.min_size[-1])
-    line, holds = premise_message(runs["fpn_1x"], runs["fpn_2x"], size)
+    scale = getattr(model.transform, "resize_scale", None)
+    line, holds = premise_message(runs["fpn_1x"], runs["fpn_2x"], size, scale)
     record = {
         "holds": holds,
         "test_size": size,
