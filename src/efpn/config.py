@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
@@ -18,7 +19,9 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "StageConfig",
+    "apply_overrides",
     "load_config",
+    "parse_override",
 ]
 
 
@@ -314,3 +317,31 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
             node = node.setdefault(p, {})
         node[last] = value
     return config_from_dict(values, str(path or "config"))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` with a YAML scalar or list value (``yaml.safe_load``; nothing is
+    evaluated)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"override {text!r}: expected key=value, e.g. distill.lam=0")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise ValueError(f"override {text!r}: the value is not valid YAML") from None
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any], where: str) -> Config:
+    """A copy of ``cfg`` with dotted-key overrides; an unknown key is an error."""
+    values = copy.deepcopy(cfg.to_dict())
+    for dotted, value in overrides.items():
+        node = values
+        *parents, last = dotted.split(".")
+        for p in parents:
+            if not isinstance(node.get(p), dict):
+                raise ValueError(f"{where}: unknown key {dotted!r}")
+            node = node[p]
+        if last not in node:
+            raise ValueError(f"{where}: unknown key {dotted!r}")
+        node[last] = value
+    return config_from_dict(values, where)

@@ -77,12 +77,12 @@ def merge_detections(
     return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
 
 
-def _as_uint8_chw(image) -> Tensor:
-    if isinstance(image, np.ndarray):  # (H, W, 3) uint8, as load_rgb returns
+def _as_chw(image) -> Tensor:
+    """``(3, H, W)``: a ``(H, W, 3)`` uint8 array is viewed channels-first; a tensor
+    (uint8, or float in [0, 1]) is returned as it is."""
+    if isinstance(image, np.ndarray):  # as load_rgb returns
         return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-    if image.dtype == torch.uint8:
-        return image
-    return image  # float (3, H, W) in [0, 1]
+    return image
 
 
 def _full_image_pass(model, chw: Tensor, as_float) -> dict[str, Tensor]:
@@ -139,7 +139,7 @@ def predict_sliced(
     Returns:
         ``{"boxes" (xyxy in image pixels), "scores", "labels"}`` on the CPU.
     """
-    chw = _as_uint8_chw(image)
+    chw = _as_chw(image)
     _, height, width = chw.shape
     windows = slice_windows(height, width, slice_size, overlap)
     if batch_size < 1:

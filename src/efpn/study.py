@@ -28,9 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from .config import Config, config_from_dict, load_config
+from .config import Config, apply_overrides, config_from_dict, load_config, parse_override
 from .data.records import DetectionData
 
 __all__ = [
@@ -98,34 +97,6 @@ class Arm:
 
     name: str
     overrides: dict[str, Any] = field(default_factory=dict)
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``key=value`` with a YAML scalar or list value (``yaml.safe_load``; nothing is
-    evaluated)."""
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise ValueError(f"override {text!r}: expected key=value, e.g. distill.lam=0")
-    try:
-        return key.strip(), yaml.safe_load(value)
-    except yaml.YAMLError:
-        raise ValueError(f"override {text!r}: the value is not valid YAML") from None
-
-
-def apply_overrides(cfg: Config, overrides: dict[str, Any], where: str) -> Config:
-    """A copy of ``cfg`` with dotted-key overrides; an unknown key is an error."""
-    values = copy.deepcopy(cfg.to_dict())
-    for dotted, value in overrides.items():
-        node = values
-        *parents, last = dotted.split(".")
-        for p in parents:
-            if not isinstance(node.get(p), dict):
-                raise ValueError(f"{where}: unknown key {dotted!r}")
-            node = node[p]
-        if last not in node:
-            raise ValueError(f"{where}: unknown key {dotted!r}")
-        node[last] = value
-    return config_from_dict(values, where)
 
 
 def parse_arms(specs: list[list[str]] | None, cfg: Config) -> list[Arm]:

@@ -42,7 +42,7 @@ def _add_train(sub) -> None:
 
 def parse_overrides(pairs: list[str]) -> dict:
     """``key=value`` arguments as a dict (values read as YAML scalars or lists)."""
-    from ..study import parse_override
+    from ..config import parse_override
 
     return dict(parse_override(p) for p in pairs)
 
@@ -55,8 +55,8 @@ def _cmd_train(args) -> int:
 
     overrides = parse_overrides(args.overrides)
     if args.data:
+        from ..config import apply_overrides
         from ..recipe import recipe_from_data
-        from ..study import apply_overrides
 
         cfg, lines = recipe_from_data(
             args.data,
