@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from .. import __version__
-from . import bench, config, data, study, train
+from . import bench, config, data, export, study, train
 
 __all__ = ["build_parser", "main"]
 
@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"efpn {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for group in (bench, data, train, study, config):
+    for group in (bench, data, train, study, export, config):
         group.register(sub)
     return parser
 

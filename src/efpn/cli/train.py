@@ -102,7 +102,9 @@ def _add_val(sub) -> None:
     p = sub.add_parser(
         "val", help="evaluate a checkpoint: COCO per size and TT100K-style accuracy/recall/F1"
     )
-    p.add_argument("--weights", required=True)
+    p.add_argument(
+        "--weights", required=True, help="an efpn checkpoint (.pt) or ONNX export (.onnx)"
+    )
     p.add_argument(
         "--data",
         default=None,
@@ -151,7 +153,7 @@ def _cmd_val(args) -> int:
 
     from ..config import config_from_dict, load_config
     from ..engine.evaluate import evaluate_model
-    from ..engine.train import load_data, model_from_checkpoint
+    from ..engine.train import detector_from_file, load_data
     from ..metrics import metric_keys
 
     overrides = {}
@@ -172,8 +174,19 @@ def _cmd_val(args) -> int:
             allowed = ", ".join(k for k in INFERENCE_KEYS if k.startswith("model."))
             raise ValueError(f"{key}: val changes inference settings only ({allowed})")
         overrides[key.split(".", 1)[1]] = value
-    model, ckpt = model_from_checkpoint(args.weights, **overrides)
-    cfg = load_config(args.data) if args.data else config_from_dict(ckpt["config"])
+    onnx = str(args.weights).lower().endswith(".onnx")
+    if onnx and args.scale != 1.0:
+        raise ValueError(
+            f"--scale {args.scale}: an ONNX file has its test size built in; "
+            "export a checkpoint with a scaled model.min_size instead"
+        )
+    model, ckpt = detector_from_file(args.weights, **overrides)
+    if args.data:
+        cfg = load_config(args.data)
+    elif ckpt.get("config"):
+        cfg = config_from_dict(ckpt["config"])
+    else:
+        raise ValueError(f"{args.weights}: it records no recipe; name the val data with --data")
     _, val = load_data(cfg, None)
     m = evaluate_model(
         model,
@@ -229,7 +242,9 @@ def _add_predict(sub) -> None:
     p = sub.add_parser(
         "predict", help="detect objects in images; draw boxes and write COCO results"
     )
-    p.add_argument("--weights", required=True)
+    p.add_argument(
+        "--weights", required=True, help="an efpn checkpoint (.pt) or ONNX export (.onnx)"
+    )
     p.add_argument("--source", required=True, help="an image or a folder")
     p.add_argument("--out", required=True)
     p.add_argument(

@@ -13,7 +13,7 @@ from tqdm import tqdm
 from ..data.dataset import load_rgb
 from ..data.formats import IMAGE_SUFFIXES, read_dataset
 from ..viz import draw_detections
-from .train import model_from_checkpoint
+from .train import detector_from_file
 
 __all__ = ["predict"]
 
@@ -60,7 +60,7 @@ def predict(
 
     if batch_size < 1:
         raise ValueError(f"--batch-size must be 1 or more, got {batch_size}")
-    model, ckpt = model_from_checkpoint(weights, device)
+    model, ckpt = detector_from_file(weights, device)
     classes, cat_ids = ckpt["classes"], ckpt["category_ids"]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

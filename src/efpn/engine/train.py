@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -192,6 +193,23 @@ def model_from_checkpoint(
         first = (str(e).splitlines() or [""])[0]
         raise ValueError(f"{path}: its weights do not fit its own recipe ({first})") from None
     return model.to(device).eval(), ckpt
+
+
+def detector_from_file(path: str | Path, device="cpu", **model_overrides) -> tuple[Any, dict]:
+    """A detector and its checkpoint's description (classes, category ids, recipe) from
+    an efpn checkpoint or, for a ``.onnx`` file, an :class:`~efpn.export.OnnxDetector`
+    (onnxruntime, CPU)."""
+    if str(path).lower().endswith(".onnx"):
+        if model_overrides:
+            raise ValueError(
+                f"{path}: an ONNX file has its inference settings built in "
+                f"({', '.join(sorted(model_overrides))}); export again from a checkpoint with them"
+            )
+        from ..export import OnnxDetector
+
+        detector = OnnxDetector(path)
+        return detector, detector.checkpoint()
+    return model_from_checkpoint(path, device, **model_overrides)
 
 
 # ----------------------------------------------------------------------------- stage losses

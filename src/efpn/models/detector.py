@@ -15,7 +15,7 @@ from ..config import P2X_MODES
 from .backbone import EFPNBackbone, resnet_efpn_backbone
 from .heads import EFPNRoIHeads, small_roi_mask
 from .sparse import plan_windows, roi_cells
-from .transform import install_scale_transform
+from .transform import install_transform
 
 __all__ = [
     "EFPNFasterRCNN",
@@ -110,8 +110,7 @@ class EFPNFasterRCNN(FasterRCNN):
                 sizes, (tuple(aspect_ratios),) * len(sizes)
             )
         super().__init__(backbone, num_classes, **kwargs)
-        if resize_scale is not None:
-            install_scale_transform(self, resize_scale, self.transform.min_size[-1])
+        install_transform(self, resize_scale, self.transform.min_size[-1])
         self.p2x_mode = p2x_mode
         self.sparse_max_coverage = sparse_max_coverage
         self.p2x_band_rows = p2x_band_rows

@@ -286,14 +286,10 @@ class EFPNRoIHeads(RoIHeads):
         deltas = torch.cat(deltas_all)
         if self.merge == "gated":
             # which head each RoI went through, and whether its RoI was small
+            # (ones_like, not ones(count): an exported graph keeps the count dynamic)
             source = [
-                torch.cat(
-                    [
-                        torch.where(m, 2, 0),
-                        torch.ones(int(m.sum()), dtype=torch.long, device=m.device),
-                    ]
-                )
-                for m in small
+                torch.cat([torch.where(m, 2, 0), torch.ones_like(sb[:, 0], dtype=torch.long)])
+                for m, sb in zip(small, small_boxes, strict=False)
             ]
             logits = self._gate(logits, deltas, boxes_all, torch.cat(source))
         boxes, scores, labels = self.postprocess_detections(logits, deltas, boxes_all, image_shapes)

@@ -1,16 +1,60 @@
-"""The detector's input transform with a fixed-factor resize for aerial imagery."""
+"""The detector's input transforms: torchvision's, exportable to the last pixel, and a
+fixed-factor resize for aerial imagery."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import Tensor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 
-__all__ = ["ScaleTransform"]
+__all__ = ["ExportableTransform", "ScaleTransform", "install_transform"]
 
 
-class ScaleTransform(GeneralizedRCNNTransform):
+class ExportableTransform(GeneralizedRCNNTransform):
+    """torchvision's ``GeneralizedRCNNTransform`` whose traced (ONNX) resize gives the
+    eager output size exactly.
+
+    Eagerly, torchvision computes the output size as ``floor(side * scale)`` in double
+    precision; its traced graph does it in float32, so a side whose product lands next
+    to an integer (61 px to a shorter side of 128) comes out one pixel smaller, and so do
+    the detections. Here the graph computes the size in float64, as Python does, and
+    resizes to that size, so eager and exported models see the same pixels.
+    """
+
+    def resize(
+        self, image: Tensor, target: dict[str, Tensor] | None = None
+    ) -> tuple[Tensor, dict[str, Tensor] | None]:
+        if not torchvision._is_tracing() or self.training or self.fixed_size is not None:
+            return super().resize(image, target)
+        hw = torch._shape_as_tensor(image)[-2:].to(torch.float64)
+        scale = torch.minimum(_f64(self.min_size[-1]) / _min(hw), _f64(self.max_size) / _max(hw))
+        return _resize_to(image, torch.floor(hw * scale)), target
+
+
+def _f64(value: float) -> Tensor:
+    # One-element float64 tensors throughout: the exporter computes with 0-dim tensors
+    # (and Python floats) in float32, and float32 sizes miss the eager ones by a pixel.
+    return torch.tensor([float(value)], dtype=torch.float64)
+
+
+def _min(hw: Tensor) -> Tensor:
+    return torch.amin(hw, dim=0, keepdim=True)
+
+
+def _max(hw: Tensor) -> Tensor:
+    return torch.amax(hw, dim=0, keepdim=True)
+
+
+def _resize_to(image: Tensor, size: Tensor) -> Tensor:
+    out = torch.clamp(size, min=1).to(torch.int64)
+    return F.interpolate(image[None], size=(out[0], out[1]), mode="bilinear", align_corners=False)[
+        0
+    ]
+
+
+class ScaleTransform(ExportableTransform):
     """``GeneralizedRCNNTransform`` that resizes every image by one factor.
 
     torchvision resizes each image so its shorter side is ``min_size``; images of
@@ -47,8 +91,10 @@ class ScaleTransform(GeneralizedRCNNTransform):
     def resize(
         self, image: Tensor, target: dict[str, Tensor] | None = None
     ) -> tuple[Tensor, dict[str, Tensor] | None]:
-        h, w = image.shape[-2:]
         size = self.torch_choice(self.min_size) if self.training else self.min_size[-1]
+        if torchvision._is_tracing():
+            return self._traced_resize(image, size), target
+        h, w = image.shape[-2:]
         f = self.factor(h, w, size)
         out_h, out_w = max(int(round(h * f)), 1), max(int(round(w * f)), 1)
         if (out_h, out_w) != (h, w):
@@ -59,21 +105,36 @@ class ScaleTransform(GeneralizedRCNNTransform):
             target["boxes"] = resize_boxes(target["boxes"], (h, w), (out_h, out_w))
         return image, target
 
+    def _traced_resize(self, image: Tensor, size: float) -> Tensor:
+        # the eager arithmetic in float64 (torch.round, like Python's, rounds halves to even)
+        hw = torch._shape_as_tensor(image)[-2:].to(torch.float64)
+        f = torch.minimum(
+            _f64(self.max_size) / _max(hw), _f64(self.resize_scale * size / self.reference_size)
+        )
+        return _resize_to(image, torch.round(hw * f))
+
     def __repr__(self) -> str:
         return super().__repr__()[:-2] + f"\n    Resize(scale={self.resize_scale})\n)"
 
 
-def install_scale_transform(model: torch.nn.Module, resize_scale: float, reference_size: int):
-    """Replace ``model.transform`` by a :class:`ScaleTransform` with its settings."""
+def install_transform(
+    model: torch.nn.Module, resize_scale: float | None = None, reference_size: int | None = None
+):
+    """Replace ``model.transform`` by an :class:`ExportableTransform`, or with
+    ``resize_scale`` a :class:`ScaleTransform`, with the same settings."""
     t = model.transform
-    model.transform = ScaleTransform(
+    kwargs = {}
+    cls = ExportableTransform
+    if resize_scale is not None:
+        cls = ScaleTransform
+        kwargs = {"resize_scale": resize_scale, "reference_size": reference_size}
+    model.transform = cls(
         t.min_size,
         t.max_size,
         t.image_mean,
         t.image_std,
         size_divisible=t.size_divisible,
         fixed_size=t.fixed_size,
-        resize_scale=resize_scale,
-        reference_size=reference_size,
+        **kwargs,
     )
     return model
