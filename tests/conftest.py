@@ -80,3 +80,16 @@ def tiny_cfg(tmp_path):
     from efpn.config import load_config
 
     return lambda **overrides: load_config(write_tiny_config(tmp_path, **overrides))
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A tiny run trained through stages 1-3: ``(run folder, its val data)``."""
+    from efpn.config import load_config
+    from efpn.engine.train import Trainer
+
+    root = tmp_path_factory.mktemp("cli")
+    cfg = load_config(write_tiny_config(root))
+    trainer = Trainer(cfg, root / "run", quiet=True)
+    trainer.run([1, 2, 3])
+    return root / "run", trainer.val_data

@@ -9,19 +9,7 @@ import torch
 from PIL import Image
 
 from efpn.cli import main
-from efpn.engine.train import Trainer, model_from_checkpoint
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    from conftest import write_tiny_config
-    from efpn.config import load_config
-
-    root = tmp_path_factory.mktemp("cli")
-    cfg = load_config(write_tiny_config(root))
-    trainer = Trainer(cfg, root / "run", quiet=True)
-    trainer.run([1, 2, 3])
-    return root / "run", trainer.val_data
+from efpn.engine.train import model_from_checkpoint
 
 
 def test_demo_comparison_summary(trained_run, capsys):
