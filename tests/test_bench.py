@@ -96,3 +96,21 @@ def test_cpu_peak_memory_subprocess_grows_with_input():
     small = _cpu_peak_mb("fpn_1x", {**spec, "size": 64})
     large = _cpu_peak_mb("fpn_1x", {**spec, "size": 384})
     assert 0 < small < large
+
+
+def test_onnx_rows_are_timed_in_the_same_run(capsys):
+    pytest.importorskip("onnxruntime", reason="the export extra is not installed")
+    report = run_bench(
+        "resnet18", 96, runs=2, num_classes=5, memory=False, progress=False, onnx=True, **SMALL
+    )
+    by = {c["name"]: c for c in report["configs"]}
+    assert set(by) == set(NAMES) | {"fpn_1x_onnx", "efpn_onnx"}
+    for row, source in (("fpn_1x_onnx", "fpn_1x"), ("efpn_onnx", "efpn")):
+        assert by[row]["seconds"] > 0 and by[row]["gflops"] == by[source]["gflops"]
+        assert report["ratios"][f"{row}_vs_torch_time"] == pytest.approx(
+            by[row]["seconds"] / by[source]["seconds"]
+        )
+    table = format_table(report)
+    assert "EFPN-96 (onnxruntime, dense P'2)" in table and "onnxruntime / PyTorch time: " in table
+    assert main(["bench", "--onnx", "--device", "cuda", "--size", "64"]) == 2
+    assert "run on the CPU" in capsys.readouterr().err

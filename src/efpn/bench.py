@@ -17,14 +17,17 @@ held before the model was built.
 from __future__ import annotations
 
 import json
+import math
 import platform
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,6 +52,10 @@ __all__ = [
 NAMES = ("fpn_1x", "fpn_2x", "fpn_1x_p2_2x", "efpn_noftt", "efpn")
 
 
+#: onnxruntime rows and the PyTorch rows they export
+ONNX_ROWS = {"fpn_1x_onnx": "fpn_1x", "efpn_onnx": "efpn"}
+
+
 def _labels(size: int) -> dict[str, str]:
     return {
         "fpn_1x": f"FPN-{size}",
@@ -56,7 +63,24 @@ def _labels(size: int) -> dict[str, str]:
         "fpn_1x_p2_2x": f"FPN-{size} + P2-{2 * size}",
         "efpn_noftt": f"EFPN-{size} w/o FTT",
         "efpn": f"EFPN-{size}",
+        "fpn_1x_onnx": f"FPN-{size} (onnxruntime)",
+        "efpn_onnx": f"EFPN-{size} (onnxruntime, dense P'2)",
     }
+
+
+def _onnx_models(models: dict[str, nn.Module], size: int, folder: Path, num_classes: int):
+    """The FPN-S and EFPN-S models exported at S and loaded in onnxruntime, with as many
+    threads as torch uses."""
+    from .export import OnnxDetector, export_onnx
+
+    classes = [f"class{i}" for i in range(1, num_classes)]
+    out = {}
+    for row, torch_row in ONNX_ROWS.items():
+        if torch_row in models:
+            path = folder / f"{row}.onnx"
+            export_onnx(models[torch_row], path, classes=classes, size=size)
+            out[row] = OnnxDetector(path, threads=torch.get_num_threads())
+    return out
 
 
 class UpscaledP2(nn.Module):
@@ -278,7 +302,8 @@ def bench_models(
     out: dict[str, dict[str, float]] = {}
     for name, model in models.items():
         model.to(device)
-        out[name] = {"gflops": _flops(model, images) / 1e9}
+        # FLOPs are counted on PyTorch graphs (an onnxruntime row takes its source's)
+        out[name] = {"gflops": _flops(model, images) / 1e9 if isinstance(model, nn.Module) else 0.0}
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         with torch.no_grad():
@@ -317,6 +342,7 @@ def run_bench(
     memory: bool = True,
     progress: bool = True,
     weights: str | None = None,
+    onnx: bool = False,
     **model_kwargs: Any,
 ) -> dict[str, Any]:
     """Measure the five configurations; returns ``configs`` and ``ratios`` (and the setup).
@@ -329,6 +355,9 @@ def run_bench(
         weights: a trained EFPN checkpoint whose weights every configuration carries
             (its backbone and widths must match the other arguments, see
             :func:`checkpoint_setup`).
+        onnx: add onnxruntime rows (``fpn_1x_onnx``, ``efpn_onnx``): the FPN-S and
+            EFPN-S models exported at S (P'2 dense) and timed in the same interleaved
+            runs; their GFLOPs are the PyTorch graphs', their memory is not measured.
         **model_kwargs: EFPN builder arguments (cheap widths, ``p2x_mode``...).
     """
     dev = torch.device(device)
@@ -337,7 +366,10 @@ def run_bench(
     image = bench_image(size, seed)
     state = checkpoint_weights(weights) if weights else None
     models = build_bench_models(backbone, size, num_classes, seed, state=state, **model_kwargs)
-    measured = bench_models(models, image, dev, runs=runs, progress=progress)
+    with tempfile.TemporaryDirectory(prefix="efpn-bench-") as tmp:
+        if onnx:
+            models.update(_onnx_models(models, size, Path(tmp), num_classes))
+        measured = bench_models(models, image, dev, runs=runs, progress=progress)
     spec = dict(
         backbone=backbone,
         size=size,
@@ -352,7 +384,10 @@ def run_bench(
     for name in models:
         m = measured[name]
         peak = m.get("peak_mb", float("nan"))
-        if memory and dev.type == "cpu":
+        if name in ONNX_ROWS:
+            peak = float("nan")
+            m["gflops"] = measured[ONNX_ROWS[name]]["gflops"]
+        elif memory and dev.type == "cpu":
             peak = _cpu_peak_mb(name, spec)
         results.append(
             BenchResult(
@@ -375,6 +410,9 @@ def run_bench(
             "efpn_vs_fpn1x_time": by["efpn"].seconds / by["fpn_1x"].seconds,
             "efpn_vs_fpn2x_gflops": by["efpn"].gflops / by["fpn_2x"].gflops,
         }
+    for row, torch_row in ONNX_ROWS.items():
+        if row in by and torch_row in by:
+            ratios[f"{row}_vs_torch_time"] = by[row].seconds / by[torch_row].seconds
     return {
         "configs": [asdict(r) for r in results],
         "ratios": ratios,
@@ -401,9 +439,10 @@ def format_table(report: dict[str, Any]) -> str:
     ]
     for c in report["configs"]:
         cov = "" if c["p2x_coverage"] is None else f"{100 * c['p2x_coverage']:.0f}%"
+        peak = "n/a" if math.isnan(c["peak_mb"]) else f"{c['peak_mb']:.0f}"
         lines.append(
             f"| {c['label']} | {c['seconds']:.3f} | {c['seconds_q1']:.3f}-{c['seconds_q3']:.3f} "
-            f"| {c['peak_mb']:.0f} | {c['gflops']:.1f} | {cov} |"
+            f"| {peak} | {c['gflops']:.1f} | {cov} |"
         )
     r = report["ratios"]
     if r:
@@ -413,6 +452,13 @@ def format_table(report: dict[str, Any]) -> str:
             f"memory {r['efpn_vs_fpn2x_mem']:.2f} (paper 0.77), GFLOPs {r['efpn_vs_fpn2x_gflops']:.2f}; "
             f"EFPN / FPN-1x: time {r['efpn_vs_fpn1x_time']:.2f} (paper 2.33)",
         ]
+    onnx = [
+        f"{_labels(report['setup']['size'])[row].split(' (')[0]} {r[f'{row}_vs_torch_time']:.2f}"
+        for row in ONNX_ROWS
+        if f"{row}_vs_torch_time" in r
+    ]
+    if onnx:
+        lines.append("onnxruntime / PyTorch time: " + ", ".join(onnx))
     return "\n".join(lines)
 
 

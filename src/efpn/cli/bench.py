@@ -86,6 +86,11 @@ def _add_bench(sub) -> None:
         default=None,
         help="a trained EFPN checkpoint (its model settings replace the options above)",
     )
+    p.add_argument(
+        "--onnx",
+        action="store_true",
+        help="add onnxruntime rows for FPN-S and EFPN-S, timed in the same runs (efpn[export])",
+    )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--breakdown", action="store_true", help="GFLOPs per module of EFPN")
     p.add_argument("--profile", action="store_true", help="torch.profiler's top ops of EFPN")
@@ -109,6 +114,12 @@ def _cmd_bench(args) -> int:
 
     if args.runs < 1:
         raise ValueError("--runs must be at least 1")
+    if args.onnx:
+        if args.device != "cpu":
+            raise ValueError("--onnx: the onnxruntime rows run on the CPU; use --device cpu")
+        from ..export import require_onnx
+
+        require_onnx()
     backbone, num_classes = args.backbone, args.num_classes
     if args.weights:
         backbone, num_classes, model_kwargs = checkpoint_setup(args.weights)
@@ -133,6 +144,7 @@ def _cmd_bench(args) -> int:
         memory=not args.no_memory,
         progress=not (args.quiet or args.json),
         weights=args.weights,
+        onnx=args.onnx,
         **model_kwargs,
     )
     if args.save_json:
