@@ -209,3 +209,34 @@ def test_data_slice_clips_keeps_visible_boxes_and_marks_cut_ones_ignore(tmp_path
     assert "became ignore regions" in capsys.readouterr().out
     assert main(args) == 2  # refuses to write into a non-empty --out
     assert main([*args, "--overwrite"]) == 0
+
+
+def test_data_mosaic_pastes_images_and_shifts_their_boxes(tmp_path, capsys):
+    from efpn.cli import main
+    from efpn.data import read_dataset
+
+    images, annotations = [], []
+    sizes = [(40, 60), (50, 30), (30, 30), (20, 70), (25, 25)]  # (h, w); 5 images, 2x2 grid
+    for i, (h, w) in enumerate(sizes):
+        Image.fromarray(np.full((h, w, 3), 10 * (i + 1), np.uint8)).save(tmp_path / f"{i}.png")
+        images.append({"id": i + 1, "file_name": f"{i}.png", "width": w, "height": h})
+        annotations.append(
+            {"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": [1, 2, 5, 6], "area": 30}
+        )
+    gt = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "car"}]}
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    args = ["data", "mosaic", str(tmp_path / "gt.json"), "--grid", "2x2", "--out"]
+    assert main([*args, str(tmp_path / "m")]) == 0
+    assert "5 image(s) -> 2 scene(s)" in capsys.readouterr().out
+    scenes = read_dataset(tmp_path / "m" / "annotations.json", "coco")
+    first, second = scenes.images
+    # columns as wide as their widest image (60, 70), rows as high as their highest (50, 30)
+    assert (first.width, first.height) == (130, 80) and (second.width, second.height) == (25, 25)
+    np.testing.assert_allclose(
+        first.boxes, [[1, 2, 6, 8], [61, 2, 66, 8], [1, 52, 6, 58], [61, 52, 66, 58]]
+    )
+    pixels = np.asarray(Image.open(tmp_path / "m" / first.file_name))
+    assert pixels[0, 0, 0] == 10 and pixels[0, 60, 0] == 20 and pixels[50, 0, 0] == 30
+    assert pixels[50, 60, 0] == 40 and pixels[45, 0, 0] == 0  # below image 0: black
+    assert main([*args, str(tmp_path / "m")]) == 2  # a non-empty --out
+    assert main([*args[:-2], "--grid", "two", "--out", str(tmp_path / "n")]) == 2

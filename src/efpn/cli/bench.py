@@ -181,7 +181,66 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _add_sahi_bench(sub) -> None:
+    p = sub.add_parser(
+        "bench-sahi",
+        help="time SAHI's sliced prediction and efpn's side by side on one image (efpn[sahi])",
+    )
+    p.add_argument("--weights", required=True, help="an efpn checkpoint (.pt) or ONNX file")
+    p.add_argument("--source", required=True, help="one (large) image")
+    p.add_argument("--slice", type=int, default=512, help="tile side in pixels (512)")
+    p.add_argument(
+        "--overlap",
+        type=float,
+        default=0.25,
+        help="tile overlap (0.25; SAHI's tiles are efpn's where slice x overlap is whole)",
+    )
+    p.add_argument("--runs", type=int, default=3, help="interleaved rounds (3)")
+    p.add_argument("--batch-size", type=int, default=4, help="tiles per pass of efpn's batched row")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_sahi_bench)
+
+
+def _cmd_sahi_bench(args) -> int:
+    import json
+    import platform
+
+    import torch
+
+    from ..data.image import load_rgb
+    from ..sahi_adapter import bench_sahi
+
+    image = load_rgb(args.source, sliced=True)
+    r = bench_sahi(
+        args.weights,
+        image,
+        slice_size=args.slice,
+        overlap=args.overlap,
+        runs=args.runs,
+        batch_size=args.batch_size,
+    )
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    h, w = image.shape[:2]
+    print(
+        f"{args.source}: {w}x{h} px, {r['tiles']} tiles of {args.slice} px (overlap {args.overlap}), "
+        f"{r['rounds']} interleaved rounds, {platform.processor() or 'cpu'}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    print("| sliced prediction | s/image (median) | vs efpn 1 tile per pass |")
+    print("|---|---|---|")
+    base = r["seconds"]["efpn (1 tile per pass)"]
+    for name, sec in r["seconds"].items():
+        print(f"| {name} | {sec:.3f} | {sec / base:.2f} |")
+    windows = "the same tiles" if r["same_windows"] else "different tiles (overlap rounding)"
+    agree = "the same detections" if r["agree"] is None else f"different detections: {r['agree']}"
+    print(f"{windows}; {r['detections']} detections, {agree}")
+    return 0
+
+
 def register(sub) -> None:
     """Add this module's commands to the ``efpn`` subparsers."""
     _add_summary(sub)
     _add_bench(sub)
+    _add_sahi_bench(sub)

@@ -16,7 +16,7 @@ from .formats import to_coco_dict
 from .image import load_rgb
 from .records import DetectionData, ImageRecord
 
-__all__ = ["slice_dataset", "slice_windows"]
+__all__ = ["mosaic_dataset", "slice_dataset", "slice_windows"]
 
 log = logging.getLogger("efpn.data")
 
@@ -144,4 +144,84 @@ def slice_dataset(
         out, list(data.classes), tiles, source=str(out), category_ids=list(data.category_ids)
     )
     (out / "annotations.json").write_text(json.dumps(to_coco_dict(sliced)))
+    return counts
+
+
+def mosaic_dataset(
+    data: DetectionData,
+    out: str | Path,
+    *,
+    rows: int = 4,
+    cols: int = 4,
+    overwrite: bool = False,
+) -> dict:
+    """Paste the images of ``data``, ``rows x cols`` at a time, into large scenes; write
+    ``out/images/*.png`` and ``out/annotations.json`` (COCO).
+
+    Each image keeps its pixels and its boxes (shifted); a grid cell is as wide as the
+    widest image of its column and as high as the highest of its row, and the rest of a
+    cell stays black. The last scene holds the images left over. A test bed for sliced
+    prediction: objects keep their size in pixels while the scene grows.
+
+    Returns counts: ``images``, ``scenes``, ``boxes`` and the largest scene's
+    ``max_width`` and ``max_height``.
+    """
+    if rows < 1 or cols < 1:
+        raise ValueError(f"--grid: rows and columns must be 1 or more, got {rows}x{cols}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ValueError(f"{out}: exists and is not empty; pass --overwrite or another --out")
+        shutil.rmtree(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    per = rows * cols
+    scenes: list[ImageRecord] = []
+    counts = dict(images=0, scenes=0, boxes=0, max_width=0, max_height=0)
+    for start in range(0, len(data.images), per):
+        group = data.images[start : start + per]
+        grid = [group[i : i + cols] for i in range(0, len(group), cols)]
+        heights = [max(r.height for r in row) for row in grid]
+        widths = [max(row[c].width for row in grid if c < len(row)) for c in range(len(grid[0]))]
+        canvas = np.zeros((sum(heights), sum(widths), 3), dtype=np.uint8)
+        boxes, labels, ignore, ignore_labels = [], [], [], []
+        y = 0
+        for row, h in zip(grid, heights):
+            x = 0
+            for c, r in enumerate(row):
+                image = load_rgb(data.image_path(r), sliced=True)
+                ih, iw = image.shape[:2]
+                if (iw, ih) != (r.width, r.height):
+                    raise ValueError(
+                        f"{data.source}: image {r.file_name} is {iw}x{ih} but declared "
+                        f"{r.width}x{r.height}"
+                    )
+                canvas[y : y + ih, x : x + iw] = image
+                shift = np.array([x, y, x, y], dtype=np.float64)
+                boxes.append(np.asarray(r.boxes, dtype=np.float64).reshape(-1, 4) + shift)
+                labels.append(np.asarray(r.labels, dtype=np.int64))
+                ignore.append(np.asarray(r.ignore, dtype=np.float64).reshape(-1, 4) + shift)
+                ignore_labels.append(np.asarray(r.ignore_labels, dtype=np.int64))
+                x += widths[c]
+            y += h
+        rec = ImageRecord(
+            f"images/scene_{len(scenes) + 1:04d}.png",
+            canvas.shape[1],
+            canvas.shape[0],
+            np.concatenate(boxes),
+            np.concatenate(labels),
+            ignore=np.concatenate(ignore),
+            ignore_labels=np.concatenate(ignore_labels),
+        )
+        rec.image_id = len(scenes) + 1
+        Image.fromarray(canvas).save(out / rec.file_name, compress_level=1)
+        scenes.append(rec)
+        counts["images"] += len(group)
+        counts["scenes"] += 1
+        counts["boxes"] += len(rec.boxes)
+        counts["max_width"] = max(counts["max_width"], rec.width)
+        counts["max_height"] = max(counts["max_height"], rec.height)
+    mosaic = DetectionData(
+        out, list(data.classes), scenes, source=str(out), category_ids=list(data.category_ids)
+    )
+    (out / "annotations.json").write_text(json.dumps(to_coco_dict(mosaic)))
     return counts
