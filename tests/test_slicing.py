@@ -239,4 +239,5 @@ def test_data_mosaic_pastes_images_and_shifts_their_boxes(tmp_path, capsys):
     assert pixels[0, 0, 0] == 10 and pixels[0, 60, 0] == 20 and pixels[50, 0, 0] == 30
     assert pixels[50, 60, 0] == 40 and pixels[45, 0, 0] == 0  # below image 0: black
     assert main([*args, str(tmp_path / "m")]) == 2  # a non-empty --out
-    assert main([*args[:-2], "--grid", "two", "--out", str(tmp_path / "n")]) == 2
+    bad_grid = ["data", "mosaic", str(tmp_path / "gt.json"), "--grid", "two"]
+    assert main([*bad_grid, "--out", str(tmp_path / "n")]) == 2
