@@ -416,3 +416,38 @@ def test_data_commands_do_not_import_torch(tmp_path):
         timeout=300,
     )
     assert res.returncode == 0, res.stderr[-1500:]
+
+
+def test_balanced_crops_keep_the_source_images_scale(synth):
+    """A crop is resized by its source image's factor, not to min_size: an object is the
+    size it has when the whole image goes through the detector."""
+    from efpn.models import efpn_fpn
+
+    data = read_coco(synth / "train.json")  # 128-px images
+    base = DetectionDataset(data, build_transforms(train=False))
+    bal = BalancedCropDataset(base, target_per_class=10, crop_size=48, seed=0)
+    index = len(base)
+    i = bal.extra[0][0]
+    crop, target = bal[index]
+    assert crop.shape[-2:] == (48, 48)
+    assert target["source_size"].tolist() == [128, 128]
+    for model in (
+        efpn_fpn("resnet18", num_classes=4, out_channels=16, min_size=256, max_size=256),
+        efpn_fpn(
+            "resnet18", num_classes=4, out_channels=16, min_size=256, max_size=600, resize_scale=2.0
+        ),
+    ):
+        model.train()
+        t = model.transform
+        full, full_target = base[i]
+        whole, _ = t([full.float() / 255], [{"boxes": full_target["boxes"].clone()}])
+        assert whole.image_sizes[0] == (256, 256)  # the full image: 128 -> 256, a factor of 2
+        out, out_t = t(
+            [crop.float() / 255],
+            [{"boxes": target["boxes"].clone(), "source_size": target["source_size"]}],
+        )
+        assert out.image_sizes[0] == (96, 96)  # the crop at the same factor 2, not to 256
+        torch.testing.assert_close(out_t[0]["boxes"], target["boxes"] * 2)
+        # without the key a crop is resized as an image of its own
+        alone, _ = t([crop.float() / 255], [{"boxes": target["boxes"].clone()}])
+        assert alone.image_sizes[0] == ((256, 256) if model.transform.max_size == 256 else (96, 96))

@@ -326,3 +326,20 @@ def test_best_is_the_last_epoch_when_the_metric_never_moves(tmp_path, tiny_cfg, 
     cfg = tiny_cfg(**{"stage1.optim.epochs": 2})
     Trainer(cfg, tmp_path / "run", quiet=True).run_stage(1)
     assert load_checkpoint(tmp_path / "run" / "stage1" / "best.pt")["epoch"] == 2
+
+
+def test_training_resizes_balancing_crops_by_their_source(tiny_cfg, tmp_path, monkeypatch):
+    from efpn.engine.train import Trainer
+    from efpn.models.transform import ExportableTransform
+
+    calls = []
+    original = ExportableTransform.resize_by_source
+
+    def counting(self, image, target):
+        calls.append(tuple(int(v) for v in target["source_size"]))
+        return original(self, image, target)
+
+    monkeypatch.setattr(ExportableTransform, "resize_by_source", counting)
+    cfg = tiny_cfg(**{"data.balance_per_class": 2, "data.balance_crop": 48})
+    Trainer(cfg, tmp_path / "run", quiet=True).run_stage(1)
+    assert calls and set(calls) == {(96, 96)}  # every crop, at its 96-px source's factor

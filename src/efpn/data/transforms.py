@@ -64,7 +64,9 @@ class BalancedCropDataset(Dataset):
 
     A crop of ``crop_size`` pixels is placed so that the chosen instance lies inside it
     at a random position; boxes cut by the crop are clipped and those left too small are
-    removed by ``SanitizeBoundingBoxes``.
+    removed by ``SanitizeBoundingBoxes``. Its target carries ``"source_size"``, the
+    size of the image it was cut from, so that the detector resizes it by that image's
+    factor: objects in crops are the size they are at test time.
 
     Args:
         base: the dataset to balance (its ``transforms`` are applied after the crop).
@@ -115,6 +117,10 @@ class BalancedCropDataset(Dataset):
         i, top, left, h, w = self.crop_window(index - len(self.base))
         image, target = self.base.load(i)
         image, target = _crop(image, target, top, left, h, w)
+        # the detector resizes the crop by its source image's factor (see
+        # efpn.models.transform.ExportableTransform), so objects keep their test size
+        r = self.base.data.images[i]
+        target["source_size"] = torch.tensor([r.height, r.width])
         if self.base.transforms is not None:
             image, target = self.base.transforms(image, target)
         return image, target

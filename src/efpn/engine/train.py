@@ -554,6 +554,8 @@ class Trainer:
                         {
                             "boxes": t["boxes"].as_subclass(torch.Tensor).to(self.device),
                             "labels": t["labels"].to(self.device),
+                            # a class-balancing crop: resized by its source image's factor
+                            **({"source_size": t["source_size"]} if "source_size" in t else {}),
                         }
                         for t in targets
                     ]

@@ -13,24 +13,49 @@ __all__ = ["ExportableTransform", "ScaleTransform", "install_transform"]
 
 
 class ExportableTransform(GeneralizedRCNNTransform):
-    """torchvision's ``GeneralizedRCNNTransform`` whose traced (ONNX) resize gives the
-    eager output size exactly.
+    """torchvision's ``GeneralizedRCNNTransform`` with two additions.
 
-    Eagerly, torchvision computes the output size as ``floor(side * scale)`` in double
-    precision; its traced graph does it in float32, so a side whose product lands next
-    to an integer (61 px to a shorter side of 128) comes out one pixel smaller, and so do
-    the detections. Here the graph computes the size in float64, as Python does, and
-    resizes to that size, so eager and exported models see the same pixels.
+    - Crops keep their source's scale: in training, a target with ``"source_size"``
+      (``(height, width)`` of the image a crop was cut from) is resized by the factor of
+      that image, not its own, so an object is the size it will be at test time.
+    - Its traced (ONNX) resize gives the eager output size exactly. Eagerly, torchvision
+      computes the size as ``floor(side * scale)`` in double precision; its traced graph
+      does it in float32, so a side whose product lands next to an integer (61 px to a
+      shorter side of 128) comes out one pixel smaller, and so do the detections. Here
+      the graph computes in float64, as Python does, and resizes to that size.
     """
+
+    def factor(self, height: int, width: int, size: float | None = None) -> float:
+        """The resize factor of a ``height x width`` image at size ``size`` (default:
+        the test size): torchvision's rule, shorter side to ``size``, longer side at
+        most ``max_size``."""
+        size = float(self.min_size[-1] if size is None else size)
+        return min(size / min(height, width), float(self.max_size) / max(height, width))
 
     def resize(
         self, image: Tensor, target: dict[str, Tensor] | None = None
     ) -> tuple[Tensor, dict[str, Tensor] | None]:
+        if self.training and target is not None and "source_size" in target:
+            return self.resize_by_source(image, target)
         if not torchvision._is_tracing() or self.training or self.fixed_size is not None:
             return super().resize(image, target)
         hw = torch._shape_as_tensor(image)[-2:].to(torch.float64)
         scale = torch.minimum(_f64(self.min_size[-1]) / _min(hw), _f64(self.max_size) / _max(hw))
         return _resize_to(image, torch.floor(hw * scale)), target
+
+
+    def resize_by_source(
+        self, image: Tensor, target: dict[str, Tensor]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Resize a crop by the factor its source image gets at a drawn training size."""
+        src_h, src_w = (int(v) for v in target["source_size"])
+        f = self.factor(src_h, src_w, self.torch_choice(self.min_size))
+        h, w = image.shape[-2:]
+        out = (max(int(round(h * f)), 1), max(int(round(w * f)), 1))
+        image = F.interpolate(image[None], size=out, mode="bilinear", align_corners=False)[0]
+        if "boxes" in target:
+            target["boxes"] = resize_boxes(target["boxes"], (h, w), out)
+        return image, target
 
 
 def _f64(value: float) -> Tensor:
@@ -91,6 +116,8 @@ class ScaleTransform(ExportableTransform):
     def resize(
         self, image: Tensor, target: dict[str, Tensor] | None = None
     ) -> tuple[Tensor, dict[str, Tensor] | None]:
+        if self.training and target is not None and "source_size" in target:
+            return self.resize_by_source(image, target)
         size = self.torch_choice(self.min_size) if self.training else self.min_size[-1]
         if torchvision._is_tracing():
             return self._traced_resize(image, size), target
