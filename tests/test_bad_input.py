@@ -421,3 +421,44 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path, capsys):
     )
     for name in ("empty.pt", "text.pt", "plain.pt", "wrong.pt", "missing.pt"):
         _expect_error(main(["val", "--weights", str(tmp_path / name)]), capsys, name)
+
+
+def test_unwritable_outputs_and_a_full_disk_end_with_one_line_and_an_error_code(
+    tmp_path, tiny_cfg, monkeypatch, capsys
+):
+    from conftest import write_tiny_config
+
+    from efpn.cli import main
+
+    recipe = write_tiny_config(tmp_path)
+    # --out names an existing file
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    code = main(["train", "--config", str(recipe), "--stage", "1", "--out", str(blocker)])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and err.startswith("efpn: error:") and len(err.splitlines()) == 1
+    assert "a_file" in err
+    # the disk fills while a checkpoint is written: torch's writer raises RuntimeError
+    import efpn.engine.checkpoint as checkpoint
+
+    def full_disk(state, path):
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file data/0: file write failed"
+        )
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    code = main(["train", "--config", str(recipe), "--stage", "1", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1
+    assert "could not write the checkpoint" in err and "disk full" in err
+    assert not list((tmp_path / "run").rglob("*.tmp"))  # no half-written file left
+    # a folder that cannot be written (root ignores permissions, so simulate it)
+    monkeypatch.undo()
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "ro"))
+
+    monkeypatch.setattr("pathlib.Path.mkdir", read_only)
+    code = main(["train", "--config", str(recipe), "--stage", "1", "--out", str(tmp_path / "ro")])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and err == f"efpn: error: {tmp_path / 'ro'}: Permission denied"

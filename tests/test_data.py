@@ -451,3 +451,54 @@ def test_balanced_crops_keep_the_source_images_scale(synth):
         # without the key a crop is resized as an image of its own
         alone, _ = t([crop.float() / 255], [{"boxes": target["boxes"].clone()}])
         assert alone.image_sizes[0] == ((256, 256) if model.transform.max_size == 256 else (96, 96))
+
+
+def test_coco_declared_size_is_checked_against_the_file(tmp_path, caplog):
+    import json as _json
+    import logging
+
+    from efpn.cli import main
+
+    Image.fromarray(np.zeros((50, 200, 3), np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "b.png")
+    gt = {
+        "images": [
+            {"id": 1, "file_name": "a.png", "width": 100, "height": 100},  # wrong: 200x50
+            {"id": 2, "file_name": "b.png", "width": 40, "height": 40},
+            {"id": 3, "file_name": "absent.png", "width": 30, "height": 30},  # not checked
+        ],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [100, 10, 50, 20], "area": 1000}
+        ],
+        "categories": [{"id": 1, "name": "car"}],
+    }
+    (tmp_path / "gt.json").write_text(_json.dumps(gt))
+    with caplog.at_level(logging.WARNING, logger="efpn.data"):
+        data = read_coco(tmp_path / "gt.json")
+    sizes = {r.file_name: (r.width, r.height) for r in data.images}
+    assert sizes == {"a.png": (200, 50), "b.png": (40, 40), "absent.png": (30, 30)}
+    np.testing.assert_allclose(data.images[0].boxes, [[100, 10, 150, 30]])  # not clipped at 100
+    assert "1 image(s) declare a width and height that differ" in caplog.text
+    assert "a.png declares 100x100, is 200x50" in caplog.text
+    (tmp_path / "absent.png").write_bytes(b"")  # convert needs every image
+    Image.fromarray(np.zeros((30, 30, 3), np.uint8)).save(tmp_path / "absent.png")
+    out = tmp_path / "yolo"
+    assert (
+        main(
+            [
+                "data",
+                "convert",
+                "--from",
+                "coco",
+                "--to",
+                "yolo",
+                str(tmp_path / "gt.json"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    line = (out / "labels" / "a.txt").read_text().split()
+    # normalised by the file's 200x50, not the declared 100x100
+    np.testing.assert_allclose([float(v) for v in line[1:]], [0.625, 0.4, 0.25, 0.4])

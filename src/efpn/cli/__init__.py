@@ -38,11 +38,20 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"efpn: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:  # `efpn ... | head`: the reader left; not an error of ours
         import os
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as e:
+        # the machine, not the input: an output that cannot be written, a full disk
+        import os
+
+        if os.environ.get("EFPN_DEBUG"):
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"efpn: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

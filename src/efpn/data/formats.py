@@ -98,6 +98,7 @@ def read_coco(ann_file: str | Path, image_root: str | Path | None = None) -> Det
     cats = sorted(d["categories"], key=lambda c: c["id"])
     cat_index = {c["id"]: i for i, c in enumerate(cats)}
     images: dict[int, ImageRecord] = {}
+    paths: dict[int, Path] = {}
     for i, entry in enumerate(d["images"]):
         if not isinstance(entry, dict):
             raise DataError(f"{src}: image entry {i} is not an object")
@@ -115,7 +116,7 @@ def read_coco(ann_file: str | Path, image_root: str | Path | None = None) -> Det
             )
         if not isinstance(entry["file_name"], str):
             raise DataError(f"{src}: image {entry['id']}: file_name must be a string")
-        resolve_inside(root, entry["file_name"], src)
+        paths[entry["id"]] = resolve_inside(root, entry["file_name"], src)
         images[entry["id"]] = ImageRecord(
             entry["file_name"], int(w), int(h), image_id=int(entry["id"])
         )
@@ -160,6 +161,7 @@ def read_coco(ann_file: str | Path, image_root: str | Path | None = None) -> Det
         logging.getLogger("efpn.data").info(
             f"{src}: {crowd} crowd annotation(s) kept as ignore regions (not trained on)"
         )
+    _check_declared_sizes(images, paths, src)
     return _finish(
         DetectionData(
             root,
@@ -169,6 +171,32 @@ def read_coco(ann_file: str | Path, image_root: str | Path | None = None) -> Det
             category_ids=[c["id"] for c in cats],
         )
     )
+
+
+def _check_declared_sizes(images: dict[int, ImageRecord], paths: dict[int, Path], src: str):
+    """Compare each declared width and height with the image file's header (cheap: the
+    pixels are not decoded) and use the file's, with one counted warning. Files that
+    are absent (an annotation file read for evaluation only) are not checked."""
+    wrong = []
+    for i, r in images.items():
+        try:
+            with Image.open(paths[i]) as im:
+                w, h = im.size
+        except (FileNotFoundError, IsADirectoryError):
+            continue
+        except Exception:  # undecodable: reported with the file when it is loaded
+            continue
+        if (w, h) != (r.width, r.height):
+            wrong.append((r.file_name, r.width, r.height, w, h))
+            r.width, r.height = w, h
+    if wrong:
+        import logging
+
+        name, dw, dh, w, h = wrong[0]
+        logging.getLogger("efpn.data").warning(
+            f"{src}: {len(wrong)} image(s) declare a width and height that differ from "
+            f"the file; used the file's (first: {name} declares {dw}x{dh}, is {w}x{h})"
+        )
 
 
 def to_coco_dict(data: DetectionData) -> dict:

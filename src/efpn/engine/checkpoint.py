@@ -22,6 +22,13 @@ def save_checkpoint(state: dict, path: str | Path) -> Path:
     try:
         torch.save(state, tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        # torch reports a full disk as a RuntimeError from its stream writer
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise OSError(
+            f"{path}: could not write the checkpoint ({first}); is the disk full or the "
+            "folder read-only? The previous checkpoint is unchanged"
+        ) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
