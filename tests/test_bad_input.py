@@ -427,7 +427,6 @@ def test_unwritable_outputs_and_a_full_disk_end_with_one_line_and_an_error_code(
     tmp_path, tiny_cfg, monkeypatch, capsys
 ):
     from conftest import write_tiny_config
-
     from efpn.cli import main
 
     recipe = write_tiny_config(tmp_path)
@@ -462,3 +461,32 @@ def test_unwritable_outputs_and_a_full_disk_end_with_one_line_and_an_error_code(
     code = main(["train", "--config", str(recipe), "--stage", "1", "--out", str(tmp_path / "ro")])
     err = capsys.readouterr().err.strip()
     assert code == 1 and err == f"efpn: error: {tmp_path / 'ro'}: Permission denied"
+
+
+def test_init_weights_of_another_detector(tmp_path, tiny_cfg, capsys):
+    """--init: another class count starts a fresh predictor (said), another architecture
+    or a file that holds no weights is one line."""
+    import torch
+
+    from conftest import write_tiny_config
+    from efpn.cli import main
+    from efpn.models import efpn_fpn
+
+    recipe = write_tiny_config(tmp_path)
+    other = efpn_fpn("resnet18", extended=False, num_classes=91, out_channels=256)
+    torch.save(other.state_dict(), tmp_path / "frcnn91.pt")
+    args = ["train", "--config", str(recipe), "--stage", "1", "--out"]
+    init = ["--init", str(tmp_path / "frcnn91.pt")]
+    # the tiny recipe's pyramid is 256 wide too, so everything but the predictor fits
+    assert main([*args, str(tmp_path / "a"), *init, "stage1.optim.epochs=1"]) == 0
+    out = capsys.readouterr().out
+    assert "its box predictor has 91 classes" in out and "starts fresh" in out
+    narrow = efpn_fpn("resnet18", extended=False, num_classes=91, out_channels=64)
+    torch.save(narrow.state_dict(), tmp_path / "narrow.pt")
+    code = main([*args, str(tmp_path / "b"), "--init", str(tmp_path / "narrow.pt")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "narrow.pt: does not fit this model" in err and len(err.splitlines()) == 1
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    code = main([*args, str(tmp_path / "c"), "--init", str(tmp_path / "tensor.pt")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "tensor.pt: not a detector's weights" in err

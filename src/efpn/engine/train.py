@@ -707,7 +707,12 @@ class Trainer:
         """Stage 1 from a trained detector (torchvision or ours; a predictor of another
         class count is left fresh); later stages from the previous stage."""
         ckpt = load_checkpoint(path)
-        state = ckpt.get("model", ckpt)
+        state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+        if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+            raise ValueError(
+                f"{path}: not a detector's weights (expected a state dict of tensors, or an "
+                "efpn checkpoint)"
+            )
         if stage > 1 and not ckpt.get("extended", False):
             load_baseline_state_dict(model, state, source=str(path))
             return
@@ -725,6 +730,15 @@ class Trainer:
         if bad or unexpected:
             raise ValueError(
                 f"{path}: does not fit this model (missing or mismatched {bad[:3]}, unexpected {unexpected[:3]})"
+            )
+        fresh = [k for k in refit if k.startswith("roi_heads.box_predictor.cls_score")]
+        if fresh:
+            theirs = (
+                state[fresh[0]].shape[0] if fresh[0].endswith("weight") else len(state[fresh[0]])
+            )
+            self._say(
+                f"{path}: its box predictor has {theirs} classes (with the background), this "
+                f"recipe {own[fresh[0]].shape[0]}: the predictor starts fresh, the rest is loaded"
             )
 
     @staticmethod

@@ -43,7 +43,6 @@ class ExportableTransform(GeneralizedRCNNTransform):
         scale = torch.minimum(_f64(self.min_size[-1]) / _min(hw), _f64(self.max_size) / _max(hw))
         return _resize_to(image, torch.floor(hw * scale)), target
 
-
     def resize_by_source(
         self, image: Tensor, target: dict[str, Tensor]
     ) -> tuple[Tensor, dict[str, Tensor]]:
