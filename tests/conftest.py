@@ -32,6 +32,24 @@ def shared_data():
     return get
 
 
+def tiny_detector(**kwargs):
+    """A seeded, untrained EFPN small enough to export and slice in seconds."""
+    from efpn.models import efpn_fpn
+
+    torch.manual_seed(0)
+    settings = dict(
+        num_classes=4,
+        out_channels=32,
+        min_size=128,
+        max_size=192,
+        small_roi_size=24,
+        sr_kwargs={"width": 16},
+        anchor_sizes=(16, 32, 64, 128, 256),
+        representation_size=64,
+    )
+    return efpn_fpn("resnet18", **{**settings, **kwargs}).eval()
+
+
 # A recipe small enough to train stages 1-3 in seconds on a CPU.
 TINY = {
     "name": "tiny",

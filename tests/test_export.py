@@ -8,6 +8,7 @@ import torch
 
 pytest.importorskip("onnxruntime", reason="the export extra (onnx, onnxruntime) is not installed")
 
+from conftest import tiny_detector  # noqa: E402
 from efpn.cli import main  # noqa: E402
 from efpn.export import (  # noqa: E402
     ExportMismatch,
@@ -16,26 +17,14 @@ from efpn.export import (  # noqa: E402
     export_onnx,
     sample_image,
 )
-from efpn.models import efpn_fpn  # noqa: E402
 
-TINY = dict(
-    num_classes=4,
-    out_channels=32,
-    min_size=128,
-    max_size=192,
-    small_roi_size=24,
-    sr_kwargs={"width": 16},
-    anchor_sizes=(16, 32, 64, 128, 256),
-    representation_size=64,
-)
 CLASSES = ["a", "b", "c"]
 #: several sizes: the trace size, non-square up- and down-scaled, odd sides
 SIZES = [(160, 160), (120, 200), (97, 61), (300, 250)]
 
 
 def _model(**kwargs):
-    torch.manual_seed(0)
-    return efpn_fpn("resnet18", **{**TINY, **kwargs}).eval()
+    return tiny_detector(**kwargs)
 
 
 def _assert_same(ref, got):

@@ -9,25 +9,14 @@ pytest.importorskip("sahi", reason="the sahi extra is not installed")
 from sahi import AutoDetectionModel  # noqa: E402
 from sahi.predict import get_sliced_prediction  # noqa: E402
 
+from conftest import tiny_detector  # noqa: E402
 from efpn.export import compare_detections, sample_image  # noqa: E402
-from efpn.models import efpn_fpn  # noqa: E402
 from efpn.sahi_adapter import category_mapping, sahi_model  # noqa: E402
 from efpn.slicing import predict_sliced  # noqa: E402
 
 
 def _model():
-    torch.manual_seed(0)
-    return efpn_fpn(
-        "resnet18",
-        num_classes=4,
-        out_channels=32,
-        min_size=128,
-        max_size=192,
-        small_roi_size=24,
-        sr_kwargs={"width": 16},
-        anchor_sizes=(16, 32, 64, 128, 256),
-        representation_size=64,
-    ).eval()
+    return tiny_detector()
 
 
 def _as_detections(result):

@@ -98,6 +98,15 @@ def _add_data(sub) -> None:
     mo.set_defaults(func=_cmd_data_mosaic)
 
 
+def _read_source(args):
+    """The dataset ``args.source`` in ``args.format`` (detected when not given)."""
+    from ..data import read_dataset
+    from ..data.formats import detect_format
+
+    fmt = args.format or detect_format(args.source)
+    return read_dataset(args.source, fmt, **_reader_kwargs(fmt, args))
+
+
 def _reader_kwargs(fmt: str, args) -> dict:
     kw: dict = {}
     if getattr(args, "split", None):
@@ -262,15 +271,9 @@ def _cmd_data_split(args) -> int:
 
 
 def _cmd_data_slice(args) -> int:
-    from ..data import read_dataset
     from ..data.tiles import slice_dataset
 
-    fmt = args.format
-    if fmt is None:
-        from ..data.formats import detect_format
-
-        fmt = detect_format(args.source)
-    data = read_dataset(args.source, fmt, **_reader_kwargs(fmt, args))
+    data = _read_source(args)
     c = slice_dataset(
         data,
         args.out,
@@ -291,19 +294,13 @@ def _cmd_data_slice(args) -> int:
 
 
 def _cmd_data_mosaic(args) -> int:
-    from ..data import read_dataset
     from ..data.tiles import mosaic_dataset
 
     try:
         rows, cols = (int(v) for v in args.grid.lower().split("x"))
     except ValueError:
         raise ValueError(f"--grid {args.grid!r}: expected ROWSxCOLS, e.g. 4x4") from None
-    fmt = args.format
-    if fmt is None:
-        from ..data.formats import detect_format
-
-        fmt = detect_format(args.source)
-    data = read_dataset(args.source, fmt, **_reader_kwargs(fmt, args))
+    data = _read_source(args)
     c = mosaic_dataset(data, args.out, rows=rows, cols=cols, overwrite=args.overwrite)
     print(
         f"{c['images']} image(s) -> {c['scenes']} scene(s) of up to {c['max_width']}x{c['max_height']} px "

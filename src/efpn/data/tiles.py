@@ -81,6 +81,18 @@ def _tile_record(r: ImageRecord, win, min_visible: float) -> tuple[ImageRecord, 
     return rec, int(cut.sum())
 
 
+def _fresh_out(out: str | Path, overwrite: bool) -> Path:
+    """``out`` with an empty ``images/`` folder; a non-empty ``out`` only with
+    ``overwrite`` (then replaced)."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ValueError(f"{out}: exists and is not empty; pass --overwrite or another --out")
+        shutil.rmtree(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def slice_dataset(
     data: DetectionData,
     out: str | Path,
@@ -107,12 +119,7 @@ def slice_dataset(
         raise ValueError(f"--min-visible must be in [0, 1], got {min_visible}")
     if not 0 <= empty_ratio <= 1:
         raise ValueError(f"--empty-ratio must be in [0, 1], got {empty_ratio}")
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise ValueError(f"{out}: exists and is not empty; pass --overwrite or another --out")
-        shutil.rmtree(out)
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    out = _fresh_out(out, overwrite)
     rng = np.random.default_rng(seed)
     tiles: list[ImageRecord] = []
     counts = dict(images=0, tiles=0, kept_empty=0, dropped_empty=0, boxes=0, cut_to_ignore=0)
@@ -168,12 +175,7 @@ def mosaic_dataset(
     """
     if rows < 1 or cols < 1:
         raise ValueError(f"--grid: rows and columns must be 1 or more, got {rows}x{cols}")
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise ValueError(f"{out}: exists and is not empty; pass --overwrite or another --out")
-        shutil.rmtree(out)
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    out = _fresh_out(out, overwrite)
     per = rows * cols
     scenes: list[ImageRecord] = []
     counts = dict(images=0, scenes=0, boxes=0, max_width=0, max_height=0)
