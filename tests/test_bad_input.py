@@ -490,3 +490,21 @@ def test_init_weights_of_another_detector(tmp_path, tiny_cfg, capsys):
     code = main([*args, str(tmp_path / "c"), "--init", str(tmp_path / "tensor.pt")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "tensor.pt: not a detector's weights" in err
+
+
+def test_sahi_commands_without_sahi_say_what_to_install(tmp_path, monkeypatch, capsys):
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    from efpn.cli import main
+
+    for name in ("sahi", "sahi.models", "sahi.models.torchvision", "sahi.predict"):
+        monkeypatch.setitem(sys.modules, name, None)  # import fails
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "a.png")
+    code = main(
+        ["bench-sahi", "--weights", str(tmp_path / "w.pt"), "--source", str(tmp_path / "a.png")]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "pip install 'efpn[sahi]'" in err and len(err.splitlines()) == 1

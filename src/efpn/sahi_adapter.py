@@ -107,15 +107,16 @@ def bench_sahi(
 
     import numpy as np
     import torch
-    from sahi.predict import get_sliced_prediction
-    from sahi.slicing import get_slice_bboxes
 
     from .export import compare_detections
     from .slicing import predict_sliced, slice_windows
 
     if runs < 1:
         raise ValueError(f"--runs must be 1 or more, got {runs}")
-    model = sahi_model(weights, confidence_threshold=0.0, device=device)
+    model = sahi_model(weights, confidence_threshold=0.0, device=device)  # says what to install
+    from sahi.predict import get_sliced_prediction
+    from sahi.slicing import get_slice_bboxes
+
     h, w = image.shape[:2]
     ours = [list(win) for win in slice_windows(h, w, slice_size, overlap)]
     theirs = get_slice_bboxes(h, w, slice_size, slice_size, False, overlap, overlap)
