@@ -259,3 +259,15 @@ def test_export_without_onnxruntime_says_what_to_install(trained_run, monkeypatc
     assert code == 2
     err = capsys.readouterr().err
     assert "pip install 'efpn[export]'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_failing_trace_leaves_no_file(tmp_path, monkeypatch):
+    model = _model()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("unsupported operator")
+
+    monkeypatch.setattr(torch.onnx, "export", broken)
+    with pytest.raises(RuntimeError, match="unsupported operator"):
+        export_onnx(model, tmp_path / "m.onnx", classes=CLASSES, size=64)
+    assert not list(tmp_path.iterdir())

@@ -192,7 +192,7 @@ def export_onnx(
         ``{"path", "bytes", "size", "dynamic", "opset", "checked"}``, where ``checked``
         lists, per validation image, its size and detection count.
     """
-    onnx, _ = require_onnx()
+    require_onnx()
     if opset < 11:
         raise ValueError(f"--opset {opset}: the detector needs opset 11 or later")
     size = int(size or model.transform.max_size)
@@ -201,9 +201,34 @@ def export_onnx(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval().cpu()
+    meta = {
+        "classes": list(classes),
+        "category_ids": list(category_ids or range(1, len(classes) + 1)),
+        "config": config,
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        info = _write_and_check(
+            model, tmp, meta, size=size, dynamic=dynamic, opset=opset, validate=validate
+        )
+    except ExportMismatch as e:
+        tmp.unlink(missing_ok=True)
+        raise ExportMismatch(f"{path}: {e}; the file was not written") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed export leaves no file
+        raise
+    tmp.replace(path)
+    info.update(path=str(path), bytes=path.stat().st_size)
+    return info
+
+
+def _write_and_check(
+    model: nn.Module, tmp: Path, meta: dict, *, size: int, dynamic: bool, opset: int, validate: bool
+) -> dict[str, Any]:
+    """Trace ``model`` into ``tmp`` at ``size``, add the metadata, and check it."""
+    onnx, _ = require_onnx()
     wrapper = _SingleImage(model).eval()
     example = sample_image(size)[None]
-    tmp = path.with_name(f".{path.name}.tmp")
     with _dense(model), torch.no_grad(), warnings.catch_warnings():
         # the tracer's notes on constants (the per-level scales, the stride) are expected
         warnings.simplefilter("ignore")
@@ -224,11 +249,6 @@ def export_onnx(
             do_constant_folding=True,
         )
     proto = onnx.load(str(tmp))
-    meta = {
-        "classes": list(classes),
-        "category_ids": list(category_ids or range(1, len(classes) + 1)),
-        "config": config,
-    }
     for key, value in _metadata(model, meta, dynamic, size).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
@@ -237,13 +257,7 @@ def export_onnx(
     onnx.save(proto, str(tmp))
     info: dict[str, Any] = {"size": size, "dynamic": dynamic, "opset": opset, "checked": []}
     if validate:
-        try:
-            info["checked"] = _validate(model, tmp, size, dynamic)
-        except ExportMismatch as e:
-            tmp.unlink(missing_ok=True)
-            raise ExportMismatch(f"{path}: {e}; the file was not written") from None
-    tmp.replace(path)
-    info.update(path=str(path), bytes=path.stat().st_size)
+        info["checked"] = _validate(model, tmp, size, dynamic)
     return info
 
 
