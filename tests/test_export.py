@@ -268,6 +268,6 @@ def test_a_failing_trace_leaves_no_file(tmp_path, monkeypatch):
         raise RuntimeError("unsupported operator")
 
     monkeypatch.setattr(torch.onnx, "export", broken)
-    with pytest.raises(RuntimeError, match="unsupported operator"):
+    with pytest.raises(ValueError, match="could not export the model .unsupported operator"):
         export_onnx(model, tmp_path / "m.onnx", classes=CLASSES, size=64)
     assert not list(tmp_path.iterdir())

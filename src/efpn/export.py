@@ -214,6 +214,12 @@ def export_onnx(
     except ExportMismatch as e:
         tmp.unlink(missing_ok=True)
         raise ExportMismatch(f"{path}: {e}; the file was not written") from None
+    except (RuntimeError, torch.onnx.errors.OnnxExporterError) as e:
+        tmp.unlink(missing_ok=True)
+        first = (str(e).splitlines() or [type(e).__name__])[0][:300]
+        raise ValueError(
+            f"{path}: torch.onnx could not export the model ({first}); try another --opset"
+        ) from None
     except BaseException:
         tmp.unlink(missing_ok=True)  # a failed export leaves no file
         raise
