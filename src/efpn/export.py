@@ -214,7 +214,7 @@ def export_onnx(
     except ExportMismatch as e:
         tmp.unlink(missing_ok=True)
         raise ExportMismatch(f"{path}: {e}; the file was not written") from None
-    except (RuntimeError, torch.onnx.errors.OnnxExporterError) as e:
+    except RuntimeError as e:  # torch.onnx.OnnxExporterError is one
         tmp.unlink(missing_ok=True)
         first = (str(e).splitlines() or [type(e).__name__])[0][:300]
         raise ValueError(
