@@ -161,7 +161,11 @@ def exported(trained_run, tmp_path_factory):
 
 def test_export_command_and_val_with_onnx(exported, capsys):
     run, onnx_path = exported
-    assert main(["val", "--weights", str(run / "stage3" / "best.pt"), "--json"]) == 0
+    # one image per pass, as the ONNX file runs (a batch pads images to one size)
+    assert (
+        main(["val", "--weights", str(run / "stage3" / "best.pt"), "--json", "--batch-size", "1"])
+        == 0
+    )
     torch_metrics = json.loads(capsys.readouterr().out)
     assert main(["val", "--weights", str(onnx_path), "--json", "--quiet"]) == 0
     onnx_metrics = json.loads(capsys.readouterr().out)
@@ -224,6 +228,8 @@ def test_onnx_bad_input_gives_one_line_errors(exported, tmp_path, capsys):
     broken.write_bytes(b"not a protobuf")
     assert main(["val", "--weights", str(broken)]) == 2
     assert "not a loadable ONNX model" in capsys.readouterr().err
+    assert main(["val", "--weights", str(onnx_path), "--batch-size", "0"]) == 2
+    assert "--batch-size must be 1 or more" in capsys.readouterr().err
     assert main(["val", "--weights", str(onnx_path), "--scale", "2"]) == 2
     assert "test size built in" in capsys.readouterr().err
     assert main(["val", "--weights", str(onnx_path), "model.merge=gated"]) == 2

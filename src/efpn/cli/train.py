@@ -117,6 +117,14 @@ def _add_val(sub) -> None:
         "--scale", type=float, default=1.0, help="test at this input scale (2 = the paper's FPN-2x)"
     )
     p.add_argument(
+        "--batch-size",
+        "--batch",
+        type=int,
+        default=2,
+        help="images per forward pass (2); a batch pads images of different sizes to one "
+        "size, which moves detections slightly: 1 gives each image alone, as ONNX files run",
+    )
+    p.add_argument(
         "--proposals", type=int, default=None, help="RPN proposals kept per image (default: recipe)"
     )
     p.add_argument(
@@ -180,6 +188,8 @@ def _cmd_val(args) -> int:
             f"--scale {args.scale}: an ONNX file has its test size built in; "
             "export a checkpoint with a scaled model.min_size instead"
         )
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be 1 or more, got {args.batch_size}")
     model, ckpt = detector_from_file(args.weights, **overrides)
     if args.data:
         cfg = load_config(args.data)
@@ -191,6 +201,7 @@ def _cmd_val(args) -> int:
     m = evaluate_model(
         model,
         val,
+        batch_size=args.batch_size,
         scale=args.scale,
         score_thresh=args.score_thresh,
         size_reference=args.size_reference or cfg.eval_size_reference,
