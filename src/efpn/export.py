@@ -287,27 +287,19 @@ def _validate(model: nn.Module, path: Path, size: int, dynamic: bool) -> list[di
     return checked
 
 
-class _TransformInfo:
-    """What evaluation reads of a PyTorch detector's ``transform``: the test size and,
-    for a fixed-factor model, its factor."""
+def _transform_from_meta(meta: dict[str, Any]):
+    """The PyTorch model's transform rebuilt from the file's metadata: what evaluation
+    reads of it (test size, ``factor``, for a fixed-factor model ``resize_scale``)."""
+    from .models.transform import ExportableTransform, ScaleTransform
 
-    def __init__(self, meta: dict[str, Any]) -> None:
-        self.min_size = (int(meta["min_size"]),)
-        self.max_size = int(meta["max_size"])
-        self.image_mean = meta["image_mean"]
-        self.image_std = meta["image_std"]
-        if meta.get("resize_scale") is not None:
-            self.resize_scale = float(meta["resize_scale"])
-            self.reference_size = float(meta["reference_size"])
-
-    def factor(self, height: int, width: int, size: float | None = None) -> float:
-        size = float(self.min_size[-1] if size is None else size)
-        if hasattr(self, "resize_scale"):
-            return min(
-                self.resize_scale * size / self.reference_size,
-                float(self.max_size) / max(height, width),
-            )
-        return min(size / min(height, width), float(self.max_size) / max(height, width))
+    args = (int(meta["min_size"]), int(meta["max_size"]), meta["image_mean"], meta["image_std"])
+    if meta.get("resize_scale") is None:
+        return ExportableTransform(*args)
+    return ScaleTransform(
+        *args,
+        resize_scale=float(meta["resize_scale"]),
+        reference_size=int(meta["reference_size"]),
+    )
 
 
 class OnnxDetector:
@@ -346,7 +338,7 @@ class OnnxDetector:
         try:
             self.meta = {k: json.loads(v) for k, v in raw.items()}
             self.classes = list(self.meta["classes"])
-            self.transform = _TransformInfo(self.meta)
+            self.transform = _transform_from_meta(self.meta)
         except (KeyError, TypeError, ValueError):
             raise ValueError(
                 f"{self.path}: not an efpn export (its metadata lacks the classes and "
