@@ -207,6 +207,78 @@ def test_study_resumes_without_training_again(study_run, monkeypatch):
     assert main(["study", "--config", str(other), "--seeds", "1", "--out", str(root / "s")]) == 2
 
 
+def test_study_evaluates_every_row_on_a_held_out_test_set(study_run, monkeypatch, capsys):
+    from conftest import write_tiny_config
+    from efpn.cli import main
+    from efpn.config import load_config
+    from efpn.engine import train as train_mod
+    from efpn.engine.evaluate import evaluate_model
+    from efpn.engine.train import load_data, model_from_checkpoint
+
+    root, args = study_run
+    (root / "t").mkdir()
+    test_cfg = write_tiny_config(
+        root / "t", **{"data.synth_seed": 5, "data.synth_train": 0, "data.synth_val": 3}
+    )
+
+    def refuse(*a, **k):
+        raise AssertionError("--test trained a run again")
+
+    monkeypatch.setattr(train_mod.Trainer, "run_stage", refuse)
+    assert main([*args, "--arm", "efpn", "--arm", "gated", "--test", str(test_cfg)]) == 0
+    out = root / "s"
+    summary = json.loads((out / "summary.json").read_text())
+    test = summary["test"]
+    assert test["source"] == str(test_cfg) and test["runs"] == ["seed0", "seed1"]
+    assert set(test["rows"]) == {"fpn_1x", "fpn_2x", "efpn", "gated"}
+    # the val rows are unchanged; the test rows are independent evaluations of the same
+    # checkpoints on the other split
+    data = load_data(load_config(test_cfg), root)[1]
+    assert len(data.images) == 3
+    cfg = load_config(root / "cfg.yaml")
+    kw = dict(score_thresh=cfg.eval_score_thresh, size_reference=cfg.eval_size_reference)
+    for i, run in enumerate(("seed0", "seed1")):
+        fpn, _ = model_from_checkpoint(out / run / "stage1" / "best.pt")
+        for row, scale in (("fpn_1x", 1.0), ("fpn_2x", 2.0)):
+            ref = evaluate_model(fpn, data, quiet=True, scale=scale, **kw)
+            assert test["rows"][row]["AP"]["values"][i] == pytest.approx(ref["AP"])
+        for row, merge in (("efpn", "exclusive"), ("gated", "gated")):
+            model, _ = model_from_checkpoint(out / run / "efpn" / "stage3" / "best.pt", merge=merge)
+            ref = evaluate_model(model, data, quiet=True, **kw)
+            got = json.loads((out / run / "test.json").read_text())["rows"][row]
+            assert got["AP"] == pytest.approx(ref["AP"]) and got["AR_small"] == pytest.approx(
+                ref["AR_small"]
+            )
+    diff = np.subtract(test["rows"]["efpn"]["AP"]["values"], test["rows"]["fpn_1x"]["AP"]["values"])
+    assert test["paired"]["efpn"]["AP"]["values"] == pytest.approx(diff.tolist())
+    text = (out / "summary.md").read_text()
+    assert "Held-out test set" in text and (out / "paired_test.png").exists()
+    # a test set of other classes is one line
+    u = root / "u"
+    u.mkdir()
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(u / "a.png")
+    coco = {
+        "images": [{"id": 1, "file_name": "a.png", "width": 64, "height": 64}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [4, 4, 10, 10], "iscrowd": 0}
+        ],
+        "categories": [{"id": 1, "name": "zebra"}],
+    }
+    (u / "ann.json").write_text(json.dumps(coco))
+    other = write_tiny_config(
+        u,
+        **{
+            "data.format": "coco",
+            "data.train": str(u / "ann.json"),
+            "data.val": str(u / "ann.json"),
+        },
+    )
+    capsys.readouterr()
+    assert main([*args, "--arm", "efpn", "--test", str(other)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(other) in err
+
+
 def test_coco_ap_counts_only_the_evaluated_classes(tmp_path):
     from efpn.data.records import DetectionData, ImageRecord
     from efpn.engine.evaluate import evaluate_model

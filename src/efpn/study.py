@@ -13,6 +13,11 @@ Layout of ``out``::
     <run>/                  seed0, seed1, ... or seed0_fold0, ...
         stage1/, premise.json                    FPN, and its rows fpn_1x and fpn_2x
         <arm>/stage2/, <arm>/stage3/, <arm>/metrics.json
+        test.json           with ``--test``: every row on the held-out test set
+
+Each stage keeps its epoch with the best val AP_small, so val takes part in selection;
+``--test RECIPE`` evaluates every row also on that recipe's val split, a held-out set
+that no run trained or selected on, and the summary gains a ``test`` section.
 """
 
 from __future__ import annotations
@@ -354,17 +359,102 @@ def _write_json(path: Path, value: Any) -> None:
     tmp.replace(path)
 
 
-def _write_summary(out: Path, results, names, arm_list, settings, complete: bool) -> dict:
-    summary = summarize(results, names, [a.name for a in arm_list])
+def _write_summary(
+    out: Path, results, names, arm_list, settings, complete: bool, test_results=None
+) -> dict:
+    arms = [a.name for a in arm_list]
+    summary = summarize(results, names, arms)
     summary["complete"] = complete
     summary["premise"] = {n: _read_json(out / n / "premise.json")["delta_AP_small"] for n in names}
     summary["settings"] = {k: v for k, v in settings.items() if k != "config"}
-    _write_json(out / "summary.json", summary)
-    (out / "summary.md").write_text(format_summary(summary) + "\n")
+    text = format_summary(summary)
     from .viz import plot_paired
 
+    if test_results:
+        test_names = [n for n in names if n in test_results]
+        summary["test"] = summarize(test_results, test_names, arms)
+        summary["test"]["source"] = settings["test"]
+        text += (
+            f"\n\n## Held-out test set ({settings['test']}: no run trained or selected on it)"
+            f"\n\n{format_summary(summary['test'])}"
+        )
+        plot_paired(summary["test"], out / "paired_test.png")
+    _write_json(out / "summary.json", summary)
+    (out / "summary.md").write_text(text + "\n")
     plot_paired(summary, out / "paired.png")
     return summary
+
+
+def _evaluate(checkpoint: Path, data, cfg: Config, *, quiet: bool, scale=1.0, **inference):
+    """One checkpoint on ``data`` with the recipe's evaluation settings: the
+    :data:`~efpn.engine.premise.ROW_KEYS` metrics and P'2's coverage."""
+    from .engine.evaluate import evaluate_model
+    from .engine.premise import ROW_KEYS
+    from .engine.train import model_from_checkpoint
+
+    device = "cuda" if cfg.device != "cpu" and _cuda() else "cpu"
+    model, _ = model_from_checkpoint(checkpoint, device, **inference)
+    m = evaluate_model(
+        model,
+        data,
+        device=device,
+        scale=scale,
+        score_thresh=cfg.eval_score_thresh,
+        size_reference=cfg.eval_size_reference,
+        quiet=quiet,
+    )
+    row = {k: m[k] for k in ROW_KEYS}
+    if "p2x_coverage" in m:
+        row["p2x_coverage"] = m["p2x_coverage"]
+    return row
+
+
+def _inference_overrides(arm: Arm) -> dict:
+    return {
+        k.split(".", 1)[1]: v
+        for k, v in arm.overrides.items()
+        if k.startswith("model.") and k in INFERENCE_KEYS
+    }
+
+
+def load_test(test: str | Path, train: DetectionData, root: Path) -> DetectionData:
+    """The val split of the recipe ``test``: a held-out set with ``train``'s classes."""
+    from .engine.train import load_data
+
+    tcfg = load_config(test)
+    data = load_data(tcfg, root if tcfg.data.format == "synth" else None)[1]
+    if list(data.classes) != list(train.classes):
+        raise ValueError(
+            f"{test}: its val split's classes {data.classes} differ from the study's "
+            f"{train.classes}"
+        )
+    if not data.images:
+        raise ValueError(f"{test}: its val split has no images")
+    return data
+
+
+def _test_rows(rdir: Path, cfg: Config, arm_list, test_data, source: str, quiet: bool) -> dict:
+    """Every row of one run on the test set; kept in ``rdir/test.json`` row by row, so
+    an interrupted study resumes."""
+    path = rdir / "test.json"
+    record = _read_json(path)
+    if record is None or record.get("source") != source:
+        record = {"source": source, "rows": {}}
+    rows = record["rows"]
+    jobs = [(r, rdir / "stage1" / "best.pt", s, cfg, {}) for r, s in (("fpn_1x", 1), ("fpn_2x", 2))]
+    for arm in arm_list:
+        metrics = _read_json(rdir / arm.name / "metrics.json") or {}
+        trained = metrics.get("checkpoint_of", arm.name)
+        acfg = apply_overrides(cfg, arm.overrides, f"--arm {arm.name}")
+        best = rdir / trained / "stage3" / "best.pt"
+        jobs.append((arm.name, best, 1, acfg, _inference_overrides(arm)))
+    for row, best, scale, rcfg, inference in jobs:
+        if row in rows:
+            continue
+        _say(f"{rdir.name}/{row}: held-out test set")
+        rows[row] = _evaluate(best, test_data, rcfg, quiet=quiet, scale=scale, **inference)
+        _write_json(path, record)
+    return rows
 
 
 def run_study(
@@ -376,6 +466,7 @@ def run_study(
     arms: list[list[str]] | None = None,
     quiet: bool = False,
     overrides: dict | None = None,
+    test: str | Path | None = None,
 ) -> dict:
     """Run (or resume) a study and write its summary; returns ``summary.json``'s content.
 
@@ -387,10 +478,10 @@ def run_study(
         arms: ``--arm`` specs (:func:`parse_arms`); ``None`` gives the arm ``efpn``.
         quiet: no progress bars from the trainer.
         overrides: dotted-key changes to the recipe, for every run and arm.
+        test: a recipe whose val split is a held-out test set: every row is also
+            evaluated there (``test.json`` per run, ``summary["test"]``).
     """
-    from .engine.evaluate import evaluate_model
-    from .engine.premise import ROW_KEYS
-    from .engine.train import Trainer, load_data, model_from_checkpoint
+    from .engine.train import Trainer, load_data
 
     if seeds < 1:
         raise ValueError(f"--seeds must be 1 or more, got {seeds}")
@@ -406,6 +497,7 @@ def run_study(
         "seeds": seeds,
         "folds": folds,
         "arms": {a.name: a.overrides for a in arm_list},
+        "test": None if test is None else str(test),
     }
     previous = _read_json(out / "study.json")
     if previous is not None:
@@ -425,6 +517,8 @@ def run_study(
     _write_json(out / "study.json", settings)
 
     train, val = load_data(base, out.parent if base.data.format == "synth" else None)
+    test_data = None if test is None else load_test(test, train, out.parent)
+    test_results: dict[str, dict] = {}
     runs = [(base.seed + s, k) for s in range(seeds) for k in (range(folds) if folds else [None])]
     names = [f"seed{s}" if k is None else f"seed{s}_fold{k}" for s, k in runs]
     trainer_quiet = quiet
@@ -462,40 +556,17 @@ def run_study(
                     f"[{done}/{total}] {name}/{arm.name}: {source_arm}'s checkpoint, {arm.overrides}"
                 )
                 adir.mkdir(parents=True, exist_ok=True)
-                inference = {
-                    k.split(".", 1)[1]: v
-                    for k, v in arm.overrides.items()
-                    if k.startswith("model.") and k in INFERENCE_KEYS
-                }
-                device = "cuda" if acfg.device != "cpu" and _cuda() else "cpu"
-                model, _ = model_from_checkpoint(best, device, **inference)
-                m = evaluate_model(
-                    model,
-                    data[1],
-                    device=device,
-                    score_thresh=acfg.eval_score_thresh,
-                    size_reference=acfg.eval_size_reference,
-                    quiet=trainer_quiet,
+                metrics = _evaluate(
+                    best, data[1], acfg, quiet=trainer_quiet, **_inference_overrides(arm)
                 )
-                metrics = {k: m[k] for k in ROW_KEYS}
-                metrics.update(p2x_coverage=m["p2x_coverage"], checkpoint_of=source_arm)
+                metrics["checkpoint_of"] = source_arm
                 _write_json(adir / "metrics.json", metrics)
             elif metrics is None:
                 _say(f"[{done}/{total}] {name}/{arm.name}: stages 2-3 {arm.overrides or ''}")
                 trainer = Trainer(acfg, adir, quiet=trainer_quiet, data=data)
                 trainer.run_stage(2, resume=True, init=rdir / "stage1" / "best.pt")
                 best = trainer.run_stage(3, resume=True)
-                model, _ = model_from_checkpoint(best, trainer.device)
-                m = evaluate_model(
-                    model,
-                    data[1],
-                    device=trainer.device,
-                    score_thresh=acfg.eval_score_thresh,
-                    size_reference=acfg.eval_size_reference,
-                    quiet=trainer_quiet,
-                )
-                metrics = {k: m[k] for k in ROW_KEYS}
-                metrics["p2x_coverage"] = m["p2x_coverage"]
+                metrics = _evaluate(best, data[1], acfg, quiet=trainer_quiet)
                 _write_json(adir / "metrics.json", metrics)
                 _say(
                     f"{name}/{arm.name}: AP_small {metrics['AP_small']:.3f} "
@@ -506,11 +577,15 @@ def run_study(
             if "checkpoint_of" not in metrics and key not in trained:
                 trained[key] = (arm.name, adir / "stage3" / "best.pt")
             results[name][arm.name] = metrics
+        if test_data is not None:
+            test_results[name] = _test_rows(
+                rdir, cfg, arm_list, test_data, settings["test"], trainer_quiet
+            )
         # after every run, so a long study shows its state (``complete`` says whether
         # every run is in)
         finished = [n for n in names if n in results]
         summary = _write_summary(
-            out, results, finished, arm_list, settings, len(finished) == len(names)
+            out, results, finished, arm_list, settings, len(finished) == len(names), test_results
         )
     table = format_summary(summary)
     _say(

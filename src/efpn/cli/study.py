@@ -32,6 +32,13 @@ def _add_study(sub) -> None:
         "(e.g. --arm lam05 distill.lam=0.5); repeatable; default: efpn",
     )
     p.add_argument("--out", required=True, help="study folder (resumes when it exists)")
+    p.add_argument(
+        "--test",
+        default=None,
+        metavar="RECIPE",
+        help="a YAML recipe whose val split is a held-out test set: every row is also "
+        "evaluated there (val selects each stage's best epoch, so it is not held out)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
         "--set",
@@ -55,6 +62,7 @@ def _cmd_study(args) -> int:
         out=args.out,
         quiet=args.quiet,
         overrides=parse_overrides(args.set),
+        test=args.test,
     )
     return 0
 
