@@ -175,6 +175,10 @@ def test_study_pairs_every_arm_with_its_own_stage1(study_run):
         assert paired["efpn"][m]["values"] == pytest.approx(diff.tolist())
         ci = paired["efpn"][m]["ci95"]
         assert ci[0] <= paired["efpn"][m]["mean"] <= ci[1]
+        # ablations against the full method
+        diff = np.subtract(rows["gated"][m]["values"], rows["efpn"][m]["values"])
+        assert summary["paired_efpn"]["gated"][m]["values"] == pytest.approx(diff.tolist())
+    assert set(summary["paired_efpn"]) == {"gated"}
     # the two seeds trained different baselines
     s0 = torch.load(out / "seed0" / "stage1" / "best.pt", weights_only=True)["model"]
     s1 = torch.load(out / "seed1" / "stage1" / "best.pt", weights_only=True)["model"]

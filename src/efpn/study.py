@@ -245,15 +245,23 @@ def summarize(results: dict[str, dict[str, dict]], runs: list[str], arms: list[s
     rows = {}
     for row in [*RESERVED, *arms]:
         rows[row] = {m: row_stats([results[r][row][m] for r in runs]) for m in METRICS}
-    paired, paired_2x = {}, {}
-    for arm in arms:
-        paired[arm] = {
-            m: paired_stats(rows[arm][m]["values"], rows["fpn_1x"][m]["values"]) for m in METRICS
+
+    def against(base: str, names: list[str]) -> dict:
+        return {
+            a: {m: paired_stats(rows[a][m]["values"], rows[base][m]["values"]) for m in METRICS}
+            for a in names
         }
-        paired_2x[arm] = {
-            m: paired_stats(rows[arm][m]["values"], rows["fpn_2x"][m]["values"]) for m in METRICS
-        }
-    return {"runs": runs, "rows": rows, "paired": paired, "paired_fpn_2x": paired_2x}
+
+    summary = {
+        "runs": runs,
+        "rows": rows,
+        "paired": against("fpn_1x", arms),
+        "paired_fpn_2x": against("fpn_2x", arms),
+    }
+    if "efpn" in arms and len(arms) > 1:
+        # ablations are read against the full method, as the paper's tables are
+        summary["paired_efpn"] = against("efpn", [a for a in arms if a != "efpn"])
+    return summary
 
 
 def _fmt(v, digits=3, signed=False):
@@ -274,7 +282,9 @@ def format_summary(summary: dict) -> str:
             for s in (stats[m] for m in METRICS)
         ]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    for key, base in (("paired", "FPN 1x"), ("paired_fpn_2x", "FPN 2x")):
+    for key, base in (("paired", "FPN 1x"), ("paired_fpn_2x", "FPN 2x"), ("paired_efpn", "efpn")):
+        if key not in summary:
+            continue
         lines += [
             "",
             f"Paired difference to {base}: mean [95% t-interval]",
