@@ -42,9 +42,10 @@ def _assert_same(ref, got):
         {},  # EFPN, the paper's exclusive merge
         {"extended": False},  # the FPN baseline
         {"merge": "gated"},
+        {"merge": "fused"},
         {"resize_scale": 0.5},  # a fixed-factor (aerial) model
     ],
-    ids=["efpn", "fpn", "gated", "resize_scale"],
+    ids=["efpn", "fpn", "gated", "fused", "resize_scale"],
 )
 def test_onnxruntime_matches_pytorch_at_several_sizes(tmp_path, kwargs):
     model = _model(**kwargs)

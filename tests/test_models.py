@@ -318,11 +318,51 @@ def test_gated_merge_keeps_each_head_where_the_box_is_of_its_size():
     )  # P'2 head small/large, original head small/large, large RoI
     logits = torch.log(torch.tensor([[0.1, 0.6, 0.3]]).repeat(5, 1))
     deltas = torch.zeros(5, 3 * 4)  # decoded boxes = the RoIs
-    probs = torch.softmax(heads._gate(logits, deltas, boxes, source), -1)
+    probs = torch.softmax(heads._gate(logits, deltas, boxes, source)[0], -1)
     kept = torch.tensor([[0.1, 0.6, 0.3]])
     dropped = torch.tensor([[1.0, 0.0, 0.0]])
     torch.testing.assert_close(probs[[0, 3, 4]], kept.repeat(3, 1), atol=1e-6, rtol=0)
     torch.testing.assert_close(probs[[1, 2]], dropped.repeat(2, 1), atol=1e-6, rtol=0)
+    model.eval()
+    with torch.no_grad():
+        out = model([torch.rand(3, 96, 96)])[0]
+    assert out["boxes"].shape[-1] == 4
+
+
+def test_fused_merge_averages_both_heads_on_each_small_roi():
+    from efpn.models import efpn_resnet18_fpn
+
+    model = efpn_resnet18_fpn(num_classes=3, out_channels=16, small_roi_size=32, merge="fused")
+    heads = model.roi_heads
+    # one image: proposals [small A, large B, small C]; then A and C again (P'2 head)
+    rois = torch.tensor(
+        [[0.0, 0, 20, 20], [0, 0, 50, 50], [40, 40, 60, 60], [0, 0, 20, 20], [40, 40, 60, 60]]
+    )
+    source = torch.tensor([2, 0, 2, 1, 1])
+    partner = torch.tensor([0, 1, 2, 0, 2])
+    orig = torch.tensor([[0.2, 0.7, 0.1], [0.1, 0.1, 0.8], [0.5, 0.2, 0.3]])
+    p2 = torch.tensor([[0.1, 0.3, 0.6], [0.3, 0.6, 0.1]])
+    logits = torch.log(torch.cat([orig, p2]))
+    deltas = torch.zeros(5, 3 * 4)
+    # the P'2 head widens C's class-1 box past 32 px; the original head keeps it at 20 px
+    deltas[4, 4 + 2 : 4 + 4] = 2 * torch.log(torch.tensor(2.0)) * 5  # x2 after averaging
+    fused, new_deltas = heads._gate(logits, deltas, [rois], source, partner)
+    probs = torch.softmax(fused, -1)
+    # A: the mean of both heads, the original's own row (small box) dropped
+    torch.testing.assert_close(probs[3], (orig[0] + p2[0]) / 2, atol=1e-6, rtol=0)
+    torch.testing.assert_close(probs[0], torch.tensor([1.0, 0, 0]), atol=1e-6, rtol=0)
+    # the large RoI is untouched
+    torch.testing.assert_close(probs[1], orig[1], atol=1e-6, rtol=0)
+    # C: mean deltas; class 1's fused box is 40 px (not small), so the original head's
+    # row stands for class 1 (though its own box is small) and the fused row for class 2
+    torch.testing.assert_close(new_deltas[4], (deltas[2] + deltas[4]) / 2)
+    mean_c = (orig[2] + p2[1]) / 2
+    assert probs[4, 1] == pytest.approx(0.0, abs=1e-6)
+    assert probs[4, 2] == pytest.approx(float(mean_c[2]), abs=1e-6)
+    assert probs[2, 1] == pytest.approx(float(orig[2, 1]), abs=1e-6)
+    assert probs[2, 2] == pytest.approx(0.0, abs=1e-6)
+    # exclusive routing would score A by the P'2 head alone: the fused score differs
+    assert not torch.allclose(probs[3], p2[0])
     model.eval()
     with torch.no_grad():
         out = model([torch.rand(3, 96, 96)])[0]

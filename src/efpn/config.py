@@ -228,8 +228,8 @@ _RULES = [
     ("model.p2x_mode", lambda v: v in P2X_MODES, f"must be one of {P2X_MODES}"),
     (
         "model.merge",
-        lambda v: v in ("exclusive", "duplicate", "gated"),
-        "must be exclusive, duplicate or gated",
+        lambda v: v in ("exclusive", "duplicate", "gated", "fused"),
+        "must be exclusive, duplicate, gated or fused",
     ),
     (
         "model.sr_module",

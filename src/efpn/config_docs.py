@@ -164,7 +164,7 @@ SECTIONS: list[tuple[str, str, list[tuple[str, str, str]]]] = [
             [
                 "`merge`",
                 "`exclusive`",
-                "at inference, small RoIs go only to the P'2 head (`exclusive`, the paper), to both heads (`duplicate`), or to both with each head kept where the detected box is of its size (`gated`: the P'2 head for boxes under `small_roi_size`, the original head above).",
+                "at inference, small RoIs go only to the P'2 head (`exclusive`, the paper), to both heads (`duplicate`), to both with each head kept where the detected box is of its size (`gated`: the P'2 head for boxes under `small_roi_size`, the original head above), or to both with their class probabilities and box deltas averaged where the averaged box is small and the original head's detection kept where it is not (`fused`: the small objects' scores stay on the original head's scale).",
             ],
             ["`rpn_on_p2x`", "`false`", "also run the RPN on P'2 with a 16-px anchor."],
             [

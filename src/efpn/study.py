@@ -86,12 +86,13 @@ PRESETS: dict[str, Any] = {
     # how small RoIs' detections are merged (inference only: reuses efpn's checkpoint)
     "duplicate": {"model.merge": "duplicate"},
     "gated": {"model.merge": "gated"},
+    "fused": {"model.merge": "fused"},
 }
 PRESET_GROUPS = {
     "table2": ["ext_only", "espcn", "ftt"],
     "table4": ["lambda0", "no_ftt_loss"],
     "cheap": ["cheap_widths"],
-    "merge": ["duplicate", "gated"],
+    "merge": ["duplicate", "gated", "fused"],
 }
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 

@@ -11,8 +11,9 @@ def _add_study(sub) -> None:
             "Each run trains stage 1 once and checks the premise (FPN at S and 2S); every "
             "arm trains stages 2-3 from that checkpoint, so its difference to FPN 1x is "
             "paired. Resumes: finished runs are skipped. Presets: efpn, ext_only, espcn, "
-            "ftt (Table II), lambda0, no_ftt_loss (Table IV), cheap_widths; groups table2, "
-            "table4, cheap."
+            "ftt (Table II), lambda0, no_ftt_loss (Table IV), cheap_widths, and the inference-only "
+            "duplicate, gated, fused (how small RoIs are merged); groups table2, "
+            "table4, cheap, merge."
         ),
     )
     p.add_argument("--config", required=True, help="YAML recipe")

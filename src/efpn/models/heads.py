@@ -60,7 +60,7 @@ def ohem_select(
 
 
 #: how detections of small RoIs are merged at inference
-MERGES = ("exclusive", "duplicate", "gated")
+MERGES = ("exclusive", "duplicate", "gated", "fused")
 
 
 class EFPNRoIHeads(RoIHeads):
@@ -81,7 +81,11 @@ class EFPNRoIHeads(RoIHeads):
             NMS) or ``"gated"`` (small RoIs through both heads; the P'2 head's
             detections are kept where the detected box is small, the original head's
             where it is not, so an object just above the routing size whose proposal is
-            just below it is still judged by the head trained on its size).
+            just below it is still judged by the head trained on its size) or
+            ``"fused"`` (small RoIs through both heads; per small RoI and class, the mean
+            of both heads' probabilities and box deltas where that box is small, the
+            original head's detection where it is not: the small objects' scores stay on
+            the scale of the original head's and rank with them).
         ohem: train the small head with OHEM on all small RoIs instead of the sampler.
         ohem_batch_size_per_image, ohem_positive_fraction: OHEM's batch.
         sampling_ratio: roi_align sampling ratio for P'2.
@@ -176,24 +180,44 @@ class EFPNRoIHeads(RoIHeads):
             return [], self._training_losses(features, proposals, image_shapes, targets)
         return self._inference(features, proposals, image_shapes), {}
 
-    def _gate(self, logits: Tensor, deltas: Tensor, boxes: list[Tensor], source: Tensor) -> Tensor:
+    def _gate(
+        self,
+        logits: Tensor,
+        deltas: Tensor,
+        boxes: list[Tensor],
+        source: Tensor,
+        partner: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
         """Logits whose softmax drops, per class, the detections a head is not for.
 
         ``source`` per RoI: 1 = a small RoI through the P'2 head (kept where the decoded
         box is small), 2 = a small RoI through the original head (kept where it is not),
-        0 = a large RoI (kept). The dropped probability goes to the background, so the
-        other classes' scores are unchanged and ``postprocess_detections`` does the rest.
+        0 = a large RoI (kept). With ``partner`` (for each row, the row of the same RoI
+        through the original head; itself for the others), the P'2 head's rows take
+        the mean of both heads' probabilities and box deltas first, and that fused box
+        decides for both rows of its RoI, so exactly one of them stays. The dropped
+        probability goes to the background, so the other classes' scores are unchanged
+        and ``postprocess_detections`` does the rest. Returns ``(logits, deltas)``.
         """
         probs = F.softmax(logits, -1)
+        p2_rows = (source == 1)[:, None]
+        if partner is not None:
+            # where, not index assignment: the exported graph keeps the rows dynamic
+            probs = torch.where(p2_rows, 0.5 * (probs + probs[partner]), probs)
+            deltas = torch.where(p2_rows, 0.5 * (deltas + deltas[partner]), deltas)
         decoded = self.box_coder.decode(deltas, boxes)  # (N, C, 4)
         wh = (decoded[..., 2:] - decoded[..., :2]).clamp(min=0)
         small_box = wh[..., 0] * wh[..., 1] < self.small_roi_size**2
-        drop = ((source == 1)[:, None] & ~small_box) | ((source == 2)[:, None] & small_box)
+        if partner is not None:
+            # the fused box decides for both rows of its RoI: exactly one of them stays
+            fused_rows = torch.nonzero(source == 1).flatten()
+            small_box = small_box.index_copy(0, partner[fused_rows], small_box[fused_rows])
+        drop = (p2_rows & ~small_box) | ((source == 2)[:, None] & small_box)
         drop[:, 0] = False
         removed = probs * drop
         probs = probs - removed
         probs[:, 0] = probs[:, 0] + removed.sum(1)
-        return torch.log(probs.clamp(min=1e-30))
+        return torch.log(probs.clamp(min=1e-30)), deltas
 
     def _training_losses(self, features, proposals, image_shapes, targets) -> dict[str, Tensor]:
         if self.ohem:
@@ -284,14 +308,24 @@ class EFPNRoIHeads(RoIHeads):
             deltas_all.append(torch.cat([ld, sd]))
         logits = torch.cat(logits_all)
         deltas = torch.cat(deltas_all)
-        if self.merge == "gated":
+        if self.merge in ("gated", "fused"):
             # which head each RoI went through, and whether its RoI was small
             # (ones_like, not ones(count): an exported graph keeps the count dynamic)
             source = [
                 torch.cat([torch.where(m, 2, 0), torch.ones_like(sb[:, 0], dtype=torch.long)])
                 for m, sb in zip(small, small_boxes, strict=False)
             ]
-            logits = self._gate(logits, deltas, boxes_all, torch.cat(source))
+            partner = None
+            if self.merge == "fused":
+                # per merged row: the same RoI's row through the original head (each
+                # image's rows are its proposals, then its small RoIs again)
+                rows, offset = [], 0
+                for lb, sb, m in zip(large_boxes, small_boxes, small, strict=False):
+                    own = torch.arange(lb.shape[0], device=lb.device) + offset
+                    rows += [own, torch.nonzero(m).flatten() + offset]
+                    offset = offset + lb.shape[0] + sb.shape[0]
+                partner = torch.cat(rows)
+            logits, deltas = self._gate(logits, deltas, boxes_all, torch.cat(source), partner)
         boxes, scores, labels = self.postprocess_detections(logits, deltas, boxes_all, image_shapes)
         return [
             {"boxes": b, "labels": lab, "scores": s}
