@@ -26,15 +26,23 @@ def test_demo_comparison_summary(trained_run, capsys):
         ]
     )
     assert code == 0
+    printed = capsys.readouterr().out
+    assert "| EFPN (1x) " in printed and "| EFPN (1x, model.merge=fused)" in printed
     summary = json.loads((run / "summary.json").read_text())
     keys = {"AP_small", "AR_small", "AP_medium", "AP_large", "AP", "f1_small", "seconds_per_image"}
-    assert set(summary) == {"fpn_1x", "fpn_2x", "efpn_1x"}
+    assert set(summary) == {"fpn_1x", "fpn_2x", "efpn_1x", "efpn_fused_1x"}
     assert all(set(v) == keys for v in summary.values())
     # EFPN's row is the stage-3 model the run itself evaluated into eval.json
     saved = json.loads((run / "eval.json").read_text())
     assert summary["efpn_1x"]["AP"] == pytest.approx(saved["AP"], abs=1e-9)
+    # the fused row is the same checkpoint with model.merge=fused, as `efpn val` gives it
+    assert (
+        main(["val", "--weights", str(run / "stage3" / "best.pt"), "--json", "model.merge=fused"])
+        == 0
+    )
+    fused = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["efpn_fused_1x"]["AP"] == pytest.approx(fused["AP"], abs=1e-9)
     assert (run / "fig8_comparison.png").exists() and (run / "summary.md").exists()
-    assert "| EFPN (1x)" in capsys.readouterr().out
 
 
 def test_val_matches_the_runs_evaluation(trained_run, capsys):

@@ -24,6 +24,7 @@ ROWS = [
     ("fpn_1x", "FPN (1x)"),
     ("fpn_2x", "FPN-2x (same model, 2x input)"),
     ("efpn_1x", "EFPN (1x)"),
+    ("efpn_fused_1x", "EFPN (1x, model.merge=fused)"),
 ]
 KEYS = ["AP_small", "AR_small", "AP_medium", "AP_large", "AP", "f1_small", "seconds_per_image"]
 
@@ -37,6 +38,8 @@ def format_table(summary: dict) -> str:
     lines = [head, "|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|"]
     keys = ("AP_small", "AR_small", "AP_medium", "AP_large", "AP", "f1_small", "seconds_per_image")
     for key, label in ROWS:
+        if key not in summary:
+            continue
         # COCO reports -1 for a size with no ground truth: print n/a, not a score.
         cells = [f"{v:.3f}" if (v := summary[key][k]) >= 0 else "n/a" for k in keys]
         lines.append(f"| {label:<30} | " + " | ".join(f"{c:<5}" for c in cells) + " |")
@@ -52,7 +55,9 @@ def run_demo(
 ) -> dict:
     """Generate SynthSigns, train FPN and EFPN (stages 1-3), compare on the val split.
 
-    Writes ``summary.json`` (keys ``fpn_1x``, ``fpn_2x``, ``efpn_1x``), ``summary.md``,
+    Writes ``summary.json`` (keys ``fpn_1x``, ``fpn_2x``, ``efpn_1x`` and, unless the
+    recipe's merge is already ``fused``, ``efpn_fused_1x``: the same EFPN with both heads
+    averaged on small RoIs), ``summary.md``,
     plots and a Fig. 8-style image into ``out``. With ``eval_only``, the comparison
     runs on the checkpoints already in ``out``.
     """
@@ -93,14 +98,20 @@ def run_demo(
         "fpn_2x": premise["fpn_2x"],
         "efpn_1x": evaluate_model(efpn, val, scale=1.0, **kw),
     }
+    if cfg.model.merge != "fused":
+        fused, _ = model_from_checkpoint(out / "stage3" / "best.pt", merge="fused")
+        runs["efpn_fused_1x"] = evaluate_model(fused, val, scale=1.0, **kw)
     summary = {k: {key: m[key] for key in KEYS} for k, m in runs.items()}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     table = format_table(summary)
     (out / "summary.md").write_text(table + "\n")
     print("[3/3] plots and a Fig. 8-style comparison", flush=True)
-    plot_size_ap({label: runs[k] for k, label in ROWS}, out / "ap_by_size_comparison.png")
+    plot_size_ap(
+        {label: runs[k] for k, label in ROWS if k in runs}, out / "ap_by_size_comparison.png"
+    )
     plot_accuracy_recall(
-        {label: runs[k]["curves"] for k, label in ROWS}, out / "accuracy_recall_comparison.png"
+        {label: runs[k]["curves"] for k, label in ROWS if k in runs},
+        out / "accuracy_recall_comparison.png",
     )
     record = max(
         val.images, key=lambda r: int(((r.boxes[:, 2:] - r.boxes[:, :2]).max(1) < 32).sum())
