@@ -223,6 +223,46 @@ def test_predict_with_onnx_writes_the_same_results(exported, tmp_path, capsys):
         assert compare_detections(ref, got) is None
 
 
+def test_export_and_predict_take_inference_settings(trained_run, tmp_path, capsys):
+    import onnx
+    from PIL import Image
+
+    from efpn.engine.train import model_from_checkpoint
+
+    run, _ = trained_run
+    weights = run / "stage3" / "best.pt"
+    out = tmp_path / "fused.onnx"
+    assert main(["export", "--weights", str(weights), "--out", str(out), "model.merge=fused"]) == 0
+    meta = {p.key: json.loads(p.value) for p in onnx.load(str(out)).metadata_props}
+    assert meta["config"]["model"]["merge"] == "fused"
+    # the export validated itself against the fused PyTorch model; predict with the
+    # same setting gives that model's detections
+    src = tmp_path / "images"
+    src.mkdir()
+    array = (sample_image((96, 96), seed=3).permute(1, 2, 0).numpy() * 255).round()
+    Image.fromarray(array.astype("uint8")).save(src / "a.png")
+    argv = ["predict", "--weights", str(weights), "--source", str(src), "--score-thresh", "0"]
+    assert main([*argv, "--out", str(tmp_path / "p"), "--quiet", "model.merge=fused"]) == 0
+    rows = json.loads((tmp_path / "p" / "predictions.json").read_text())
+    model, _ = model_from_checkpoint(weights, merge="fused")
+    image = torch.from_numpy(array.astype("uint8")).permute(2, 0, 1).float() / 255
+    with torch.no_grad():
+        direct = model([image])[0]
+    assert len(rows) == len(direct["scores"])
+    assert sorted(r["score"] for r in rows) == pytest.approx(
+        sorted(direct["scores"].tolist()), abs=1e-6
+    )
+    # settings that change the weights are refused in one line
+    capsys.readouterr()
+    assert main([*argv, "--out", str(tmp_path / "q"), "model.backbone=resnet50"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "predict changes inference settings only" in err
+    assert (
+        main(["export", "--weights", str(weights), "--out", str(out), "model.fpn_channels=8"]) == 2
+    )
+    assert "export changes inference settings only" in capsys.readouterr().err
+
+
 def test_onnx_bad_input_gives_one_line_errors(exported, tmp_path, capsys):
     run, onnx_path = exported
     broken = tmp_path / "broken.onnx"

@@ -29,26 +29,39 @@ def _add_export(sub) -> None:
     p.add_argument(
         "--no-check", action="store_true", help="skip the onnxruntime comparison with PyTorch"
     )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="inference settings built into the graph, e.g. model.merge=fused",
+    )
     p.set_defaults(func=_cmd_export)
 
 
 def _cmd_export(args) -> int:
     from pathlib import Path
 
+    from ..config import apply_overrides, config_from_dict
     from ..engine.train import model_from_checkpoint
     from ..export import DEFAULT_OPSET, export_onnx, require_onnx
+    from .train import inference_overrides, parse_overrides
 
     require_onnx()  # before loading anything: say what to install
     out = Path(args.out) if args.out else Path(args.weights).with_suffix(".onnx")
     if out.suffix.lower() != ".onnx":
         raise ValueError(f"--out {out}: an ONNX file ends in .onnx")
-    model, ckpt = model_from_checkpoint(args.weights, "cpu")
+    overrides = inference_overrides(args.overrides, "export")
+    model, ckpt = model_from_checkpoint(args.weights, "cpu", **overrides)
+    config = ckpt.get("config")
+    if config and overrides:  # the file's recipe names what its graph does
+        pairs = parse_overrides(args.overrides)
+        config = apply_overrides(config_from_dict(config), pairs, "overrides").to_dict()
     info = export_onnx(
         model,
         out,
         classes=ckpt["classes"],
         category_ids=ckpt.get("category_ids"),
-        config=ckpt.get("config"),
+        config=config,
         size=args.size,
         dynamic=args.dynamic,
         opset=args.opset or DEFAULT_OPSET,

@@ -40,6 +40,20 @@ def _add_train(sub) -> None:
     p.set_defaults(func=_cmd_train)
 
 
+def inference_overrides(pairs: list[str], command: str) -> dict:
+    """``model.KEY=VALUE`` pairs that change only inference (``model.merge=fused``), as
+    :func:`~efpn.engine.train.model_from_checkpoint` keywords."""
+    from ..study import INFERENCE_KEYS
+
+    overrides = {}
+    for key, value in parse_overrides(pairs).items():
+        if key not in INFERENCE_KEYS or not key.startswith("model."):
+            allowed = ", ".join(k for k in INFERENCE_KEYS if k.startswith("model."))
+            raise ValueError(f"{key}: {command} changes inference settings only ({allowed})")
+        overrides[key.split(".", 1)[1]] = value
+    return overrides
+
+
 def parse_overrides(pairs: list[str]) -> dict:
     """``key=value`` arguments as a dict (values read as YAML scalars or lists)."""
     from ..config import parse_override
@@ -150,7 +164,7 @@ def _add_val(sub) -> None:
         "overrides",
         nargs="*",
         metavar="key=value",
-        help="inference settings of the checkpoint's recipe, e.g. model.merge=gated",
+        help="inference settings of the checkpoint's recipe, e.g. model.merge=fused",
     )
     p.set_defaults(func=_cmd_val)
 
@@ -175,13 +189,7 @@ def _cmd_val(args) -> int:
         if args.band_rows < 0:
             raise ValueError("--band-rows must be 0 (one pass) or more")
         overrides["p2x_band_rows"] = args.band_rows
-    from ..study import INFERENCE_KEYS
-
-    for key, value in parse_overrides(args.overrides).items():
-        if key not in INFERENCE_KEYS or not key.startswith("model."):
-            allowed = ", ".join(k for k in INFERENCE_KEYS if k.startswith("model."))
-            raise ValueError(f"{key}: val changes inference settings only ({allowed})")
-        overrides[key.split(".", 1)[1]] = value
+    overrides.update(inference_overrides(args.overrides, "val"))
     onnx = str(args.weights).lower().endswith(".onnx")
     if onnx and args.scale != 1.0:
         raise ValueError(
@@ -269,6 +277,12 @@ def _add_predict(sub) -> None:
     )
     _add_slice_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars or summary line")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="inference settings of the checkpoint's recipe, e.g. model.merge=fused",
+    )
     p.set_defaults(func=_cmd_predict)
 
 
@@ -309,6 +323,7 @@ def _cmd_predict(args) -> int:
         overlap=args.overlap,
         merge=args.merge,
         full_image=args.full_image,
+        model_overrides=inference_overrides(args.overrides, "predict"),
     )
     if not args.quiet:
         print(f"drawings in {path.parent}")

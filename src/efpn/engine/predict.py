@@ -45,6 +45,7 @@ def predict(
     overlap: float = 0.2,
     merge: str = "nms",
     full_image: bool = False,
+    model_overrides: dict | None = None,
 ) -> Path:
     """Detect objects in ``source`` (an image or a folder) with a checkpoint.
 
@@ -54,13 +55,14 @@ def predict(
     are green, false positives blue and false negatives red, as the paper's Fig. 8.
     With ``slice_size``, each image is detected in overlapping tiles
     (:func:`efpn.slicing.predict_sliced`; ``batch_size`` tiles per pass), boxes in the
-    original image's pixels.
+    original image's pixels. ``model_overrides`` change the checkpoint's inference
+    settings (e.g. ``{"merge": "fused"}``).
     """
     from ..slicing import predict_sliced
 
     if batch_size < 1:
         raise ValueError(f"--batch-size must be 1 or more, got {batch_size}")
-    model, ckpt = detector_from_file(weights, device)
+    model, ckpt = detector_from_file(weights, device, **(model_overrides or {}))
     classes, cat_ids = ckpt["classes"], ckpt["category_ids"]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
