@@ -420,10 +420,12 @@ def _evaluate(checkpoint: Path, data, cfg: Config, *, quiet: bool, scale=1.0, **
     return row
 
 
-def _inference_overrides(arm: Arm) -> dict:
+def model_inference_kwargs(overrides: dict[str, Any]) -> dict[str, Any]:
+    """The ``model.*`` inference settings among dotted-key ``overrides``, as
+    :func:`~efpn.engine.train.model_from_checkpoint` keywords."""
     return {
         k.split(".", 1)[1]: v
-        for k, v in arm.overrides.items()
+        for k, v in overrides.items()
         if k.startswith("model.") and k in INFERENCE_KEYS
     }
 
@@ -458,7 +460,7 @@ def _test_rows(rdir: Path, cfg: Config, arm_list, test_data, source: str, quiet:
         trained = metrics.get("checkpoint_of", arm.name)
         acfg = apply_overrides(cfg, arm.overrides, f"--arm {arm.name}")
         best = rdir / trained / "stage3" / "best.pt"
-        jobs.append((arm.name, best, 1, acfg, _inference_overrides(arm)))
+        jobs.append((arm.name, best, 1, acfg, model_inference_kwargs(arm.overrides)))
     for row, best, scale, rcfg, inference in jobs:
         if row in rows:
             continue
@@ -568,7 +570,11 @@ def run_study(
                 )
                 adir.mkdir(parents=True, exist_ok=True)
                 metrics = _evaluate(
-                    best, data[1], acfg, quiet=trainer_quiet, **_inference_overrides(arm)
+                    best,
+                    data[1],
+                    acfg,
+                    quiet=trainer_quiet,
+                    **model_inference_kwargs(arm.overrides),
                 )
                 metrics["checkpoint_of"] = source_arm
                 _write_json(adir / "metrics.json", metrics)

@@ -44,7 +44,7 @@ def _cmd_export(args) -> int:
     from ..config import apply_overrides, config_from_dict
     from ..engine.train import model_from_checkpoint
     from ..export import DEFAULT_OPSET, export_onnx, require_onnx
-    from .train import inference_overrides, parse_overrides
+    from .train import inference_overrides
 
     require_onnx()  # before loading anything: say what to install
     out = Path(args.out) if args.out else Path(args.weights).with_suffix(".onnx")
@@ -54,8 +54,8 @@ def _cmd_export(args) -> int:
     model, ckpt = model_from_checkpoint(args.weights, "cpu", **overrides)
     config = ckpt.get("config")
     if config and overrides:  # the file's recipe names what its graph does
-        pairs = parse_overrides(args.overrides)
-        config = apply_overrides(config_from_dict(config), pairs, "overrides").to_dict()
+        dotted = {f"model.{k}": v for k, v in overrides.items()}
+        config = apply_overrides(config_from_dict(config), dotted, "overrides").to_dict()
     info = export_onnx(
         model,
         out,

@@ -43,15 +43,14 @@ def _add_train(sub) -> None:
 def inference_overrides(pairs: list[str], command: str) -> dict:
     """``model.KEY=VALUE`` pairs that change only inference (``model.merge=fused``), as
     :func:`~efpn.engine.train.model_from_checkpoint` keywords."""
-    from ..study import INFERENCE_KEYS
+    from ..study import INFERENCE_KEYS, model_inference_kwargs
 
-    overrides = {}
-    for key, value in parse_overrides(pairs).items():
+    overrides = parse_overrides(pairs)
+    for key in overrides:
         if key not in INFERENCE_KEYS or not key.startswith("model."):
             allowed = ", ".join(k for k in INFERENCE_KEYS if k.startswith("model."))
             raise ValueError(f"{key}: {command} changes inference settings only ({allowed})")
-        overrides[key.split(".", 1)[1]] = value
-    return overrides
+    return model_inference_kwargs(overrides)
 
 
 def parse_overrides(pairs: list[str]) -> dict:
