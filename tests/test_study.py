@@ -1,6 +1,7 @@
 """efpn study: arms, folds, paired statistics, the premise check and a resumable run."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -281,6 +282,55 @@ def test_study_evaluates_every_row_on_a_held_out_test_set(study_run, monkeypatch
     assert main([*args, "--arm", "efpn", "--test", str(other)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(other) in err
+
+
+def test_fpn_longer_trains_the_runs_fpn_on_with_efpns_budget(study_run, monkeypatch):
+    from efpn.cli import main
+    from efpn.config import load_config
+    from efpn.engine import train as train_mod
+    from efpn.engine.evaluate import evaluate_model
+    from efpn.engine.train import load_data, model_from_checkpoint
+
+    root, args = study_run
+    out = root / "s"
+    calls = []
+    original = train_mod.Trainer.run_stage
+
+    def spy(self, stage, resume=False, init=None):
+        calls.append((self.out.name, stage, None if init is None else Path(init)))
+        return original(self, stage, resume=resume, init=init)
+
+    monkeypatch.setattr(train_mod.Trainer, "run_stage", spy)
+    assert main([*args, "--arm", "efpn", "--arm", "fpn_longer"]) == 0
+    # only the new arm trains, stage 1 only, from its run's FPN
+    assert calls == [
+        ("fpn_longer", 1, out / run / "stage1" / "best.pt") for run in ("seed0", "seed1")
+    ]
+    cfg = load_config(root / "cfg.yaml")
+    for run in ("seed0", "seed1"):
+        arm = load_config(out / run / "fpn_longer" / "config.yaml")
+        epochs = cfg.stage2.optim.epochs + cfg.stage3.optim.epochs
+        assert arm.stage1.optim.epochs == epochs and arm.stage1.optim.lr == cfg.stage3.optim.lr
+        assert arm.data.scale_jitter == [] and arm.model == cfg.model
+        base = torch.load(out / run / "stage1" / "best.pt", weights_only=True)["model"]
+        longer = torch.load(out / run / "fpn_longer" / "stage1" / "best.pt", weights_only=True)
+        assert set(longer["model"]) == set(base)  # an FPN, trained on
+        assert any(not torch.equal(base[k], longer["model"][k]) for k in base)
+    summary = json.loads((out / "summary.json").read_text())
+    model, _ = model_from_checkpoint(out / "seed1" / "fpn_longer" / "stage1" / "best.pt")
+    ref = evaluate_model(
+        model,
+        load_data(cfg, root)[1],
+        quiet=True,
+        score_thresh=cfg.eval_score_thresh,
+        size_reference=cfg.eval_size_reference,
+    )
+    assert summary["rows"]["fpn_longer"]["AP"]["values"][1] == pytest.approx(ref["AP"])
+    assert summary["paired_efpn"]["fpn_longer"]["AP"]["values"][1] == pytest.approx(
+        ref["AP"] - summary["rows"]["efpn"]["AP"]["values"][1]
+    )
+    with pytest.raises(ValueError, match="takes no key=value"):
+        parse_arms([["fpn_longer", "stage1.optim.lr=0.1"]], cfg)
 
 
 def test_coco_ap_counts_only_the_evaluated_classes(tmp_path):

@@ -3,7 +3,9 @@
 Each run (a seed, or a seed and a fold) trains stage 1 once and checks the premise
 (its FPN at S and 2S). Every arm then trains stages 2-3 from that same stage-1
 checkpoint, so each arm's difference to FPN 1x is paired: the same data, the same
-baseline, only the extension differs. The summary gives mean and standard deviation per
+baseline, only the extension differs. The arm ``fpn_longer`` instead trains the FPN on
+from that checkpoint for as many epochs as stages 2-3 take, so that EFPN's extra
+training can be told apart from what the extension adds. The summary gives mean and standard deviation per
 row, and per arm the paired difference to FPN 1x with a 95% t-interval.
 
 Layout of ``out``::
@@ -13,6 +15,7 @@ Layout of ``out``::
     <run>/                  seed0, seed1, ... or seed0_fold0, ...
         stage1/, premise.json                    FPN, and its rows fpn_1x and fpn_2x
         <arm>/stage2/, <arm>/stage3/, <arm>/metrics.json
+        fpn_longer/stage1/, fpn_longer/metrics.json   the baseline with EFPN's budget
         test.json           with ``--test``: every row on the held-out test set
 
 Each stage keeps its epoch with the best val AP_small, so val takes part in selection;
@@ -28,13 +31,20 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .config import Config, apply_overrides, config_from_dict, load_config, parse_override
+from .config import (
+    Config,
+    OptimConfig,
+    apply_overrides,
+    config_from_dict,
+    load_config,
+    parse_override,
+)
 from .data.records import DetectionData
 
 __all__ = [
@@ -88,6 +98,22 @@ PRESETS: dict[str, Any] = {
     "gated": {"model.merge": "gated"},
     "fused": {"model.merge": "fused"},
 }
+
+
+def _fpn_longer(cfg: Config) -> dict[str, Any]:
+    # stage 1 again from its best checkpoint, with stage 3's optimiser for as many epochs
+    # as stages 2 and 3 take together, at the test scale as they train: FPN with EFPN's
+    # training budget
+    optim = {
+        f"stage1.optim.{f.name}": getattr(cfg.stage3.optim, f.name) for f in fields(OptimConfig)
+    }
+    optim["stage1.optim.epochs"] = cfg.stage2.optim.epochs + cfg.stage3.optim.epochs
+    return {**optim, "data.scale_jitter": []}
+
+
+#: arms that train the FPN baseline on (stage 1 from the stage-1 checkpoint) instead of
+#: stages 2-3: controls for EFPN's extra training
+BASELINE_PRESETS: dict[str, Any] = {"fpn_longer": _fpn_longer}
 PRESET_GROUPS = {
     "table2": ["ext_only", "espcn", "ftt"],
     "table4": ["lambda0", "no_ftt_loss"],
@@ -103,6 +129,13 @@ class Arm:
 
     name: str
     overrides: dict[str, Any] = field(default_factory=dict)
+    #: train stage 1 on from the run's FPN instead of stages 2-3 (:data:`BASELINE_PRESETS`)
+    baseline: bool = False
+
+    @property
+    def stage(self) -> int:
+        """The stage whose ``best.pt`` is this arm's model."""
+        return 1 if self.baseline else 3
 
 
 def parse_arms(specs: list[list[str]] | None, cfg: Config) -> list[Arm]:
@@ -123,12 +156,17 @@ def parse_arms(specs: list[list[str]] | None, cfg: Config) -> list[Arm]:
                 f"--arm {name!r}: a name of letters, digits, '_', '.', '-' other than {RESERVED}"
             )
         if not pairs:
+            if name in BASELINE_PRESETS:
+                arms.append(Arm(name, dict(BASELINE_PRESETS[name](cfg)), baseline=True))
+                continue
             if name not in PRESETS:
+                names = ", ".join([*PRESETS, *BASELINE_PRESETS, *PRESET_GROUPS])
                 raise ValueError(
-                    f"--arm {name!r}: not a preset ({', '.join([*PRESETS, *PRESET_GROUPS])}); "
-                    "give key=value overrides to define it"
+                    f"--arm {name!r}: not a preset ({names}); give key=value overrides to define it"
                 )
             arms.append(Arm(name, _preset(name, cfg)))
+        elif name in BASELINE_PRESETS:
+            raise ValueError(f"--arm {name!r}: a preset that takes no key=value overrides")
         else:
             arms.append(Arm(name, dict(parse_override(p) for p in pairs)))
     seen = set()
@@ -459,7 +497,7 @@ def _test_rows(rdir: Path, cfg: Config, arm_list, test_data, source: str, quiet:
         metrics = _read_json(rdir / arm.name / "metrics.json") or {}
         trained = metrics.get("checkpoint_of", arm.name)
         acfg = apply_overrides(cfg, arm.overrides, f"--arm {arm.name}")
-        best = rdir / trained / "stage3" / "best.pt"
+        best = rdir / trained / f"stage{arm.stage}" / "best.pt"
         jobs.append((arm.name, best, 1, acfg, model_inference_kwargs(arm.overrides)))
     for row, best, scale, rcfg, inference in jobs:
         if row in rows:
@@ -579,10 +617,14 @@ def run_study(
                 metrics["checkpoint_of"] = source_arm
                 _write_json(adir / "metrics.json", metrics)
             elif metrics is None:
-                _say(f"[{done}/{total}] {name}/{arm.name}: stages 2-3 {arm.overrides or ''}")
                 trainer = Trainer(acfg, adir, quiet=trainer_quiet, data=data)
-                trainer.run_stage(2, resume=True, init=rdir / "stage1" / "best.pt")
-                best = trainer.run_stage(3, resume=True)
+                if arm.baseline:
+                    _say(f"[{done}/{total}] {name}/{arm.name}: FPN trained on {arm.overrides}")
+                    best = trainer.run_stage(1, resume=True, init=rdir / "stage1" / "best.pt")
+                else:
+                    _say(f"[{done}/{total}] {name}/{arm.name}: stages 2-3 {arm.overrides or ''}")
+                    trainer.run_stage(2, resume=True, init=rdir / "stage1" / "best.pt")
+                    best = trainer.run_stage(3, resume=True)
                 metrics = _evaluate(best, data[1], acfg, quiet=trainer_quiet)
                 _write_json(adir / "metrics.json", metrics)
                 _say(
@@ -592,7 +634,7 @@ def run_study(
             else:
                 _say(f"[{done}/{total}] {name}/{arm.name}: done")
             if "checkpoint_of" not in metrics and key not in trained:
-                trained[key] = (arm.name, adir / "stage3" / "best.pt")
+                trained[key] = (arm.name, adir / f"stage{arm.stage}" / "best.pt")
             results[name][arm.name] = metrics
         if test_data is not None:
             test_results[name] = _test_rows(

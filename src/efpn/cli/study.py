@@ -12,8 +12,9 @@ def _add_study(sub) -> None:
             "arm trains stages 2-3 from that checkpoint, so its difference to FPN 1x is "
             "paired. Resumes: finished runs are skipped. Presets: efpn, ext_only, espcn, "
             "ftt (Table II), lambda0, no_ftt_loss (Table IV), cheap_widths, and the inference-only "
-            "duplicate, gated, fused (how small RoIs are merged); groups table2, "
-            "table4, cheap, merge."
+            "duplicate, gated, fused (how small RoIs are merged), and fpn_longer (the FPN "
+            "trained on from its checkpoint for as many epochs as stages 2-3: a control for "
+            "EFPN's extra training); groups table2, table4, cheap, merge."
         ),
     )
     p.add_argument("--config", required=True, help="YAML recipe")
