@@ -619,7 +619,10 @@ def run_study(
             elif metrics is None:
                 trainer = Trainer(acfg, adir, quiet=trainer_quiet, data=data)
                 if arm.baseline:
-                    _say(f"[{done}/{total}] {name}/{arm.name}: FPN trained on {arm.overrides}")
+                    _say(
+                        f"[{done}/{total}] {name}/{arm.name}: the FPN trained on for "
+                        f"{acfg.stage1.optim.epochs} epoch(s) at lr {acfg.stage1.optim.lr:g}"
+                    )
                     best = trainer.run_stage(1, resume=True, init=rdir / "stage1" / "best.pt")
                 else:
                     _say(f"[{done}/{total}] {name}/{arm.name}: stages 2-3 {arm.overrides or ''}")
