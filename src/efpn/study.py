@@ -5,8 +5,9 @@ Each run (a seed, or a seed and a fold) trains stage 1 once and checks the premi
 checkpoint, so each arm's difference to FPN 1x is paired: the same data, the same
 baseline, only the extension differs. The arm ``fpn_longer`` instead trains the FPN on
 from that checkpoint for as many epochs as stages 2-3 take, so that EFPN's extra
-training can be told apart from what the extension adds. The summary gives mean and standard deviation per
-row, and per arm the paired difference to FPN 1x with a 95% t-interval.
+training can be told apart from what the extension adds. The summary gives mean and
+standard deviation per row, and per arm the paired difference to FPN 1x with a 95%
+t-interval.
 
 Layout of ``out``::
 
