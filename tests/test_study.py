@@ -333,6 +333,60 @@ def test_fpn_longer_trains_the_runs_fpn_on_with_efpns_budget(study_run, monkeypa
         parse_arms([["fpn_longer", "stage1.optim.lr=0.1"]], cfg)
 
 
+def test_efpn_longer_adds_the_extension_to_fpn_longers_fpn(study_run, monkeypatch):
+    from efpn.cli import main
+    from efpn.config import load_config
+    from efpn.engine import train as train_mod
+
+    root, args = study_run
+    out = root / "s"
+    calls = []
+    original = train_mod.Trainer.run_stage
+
+    def spy(self, stage, resume=False, init=None):
+        calls.append((self.out.name, stage, None if init is None else Path(init)))
+        return original(self, stage, resume=resume, init=init)
+
+    monkeypatch.setattr(train_mod.Trainer, "run_stage", spy)
+    arms = ["--arm", "efpn", "--arm", "fpn_longer", "--arm", "efpn_longer", "--arm", "fused_longer"]
+    assert main([*args, *arms]) == 0
+    # stages 2-3 start from fpn_longer's FPN, not the run's; fused_longer only evaluates
+    mine = [c for c in calls if c[0] in ("efpn_longer", "fused_longer")]
+    assert mine == [
+        call
+        for run in ("seed0", "seed1")
+        for call in (
+            ("efpn_longer", 2, out / run / "fpn_longer" / "stage1" / "best.pt"),
+            ("efpn_longer", 3, None),
+        )
+    ]
+    cfg = load_config(root / "cfg.yaml")
+    for run in ("seed0", "seed1"):
+        longer = torch.load(out / run / "fpn_longer" / "stage1" / "best.pt", weights_only=True)
+        own = torch.load(out / run / "stage1" / "best.pt", weights_only=True)["model"]
+        efpn = torch.load(out / run / "efpn_longer" / "stage3" / "best.pt", weights_only=True)
+        body = [k for k in longer["model"] if k.startswith("backbone.body.")]
+        assert body and all(torch.equal(efpn["model"][k], longer["model"][k]) for k in body)
+        assert any(not torch.equal(efpn["model"][k], own[k]) for k in body)
+        assert any(k.startswith("backbone.extension.") for k in efpn["model"])
+        fused = json.loads((out / run / "fused_longer" / "metrics.json").read_text())
+        assert fused["checkpoint_of"] == "efpn_longer"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["starts"] == {"efpn_longer": "fpn_longer", "fused_longer": "fpn_longer"}
+    rows = summary["rows"]
+    for arm in ("efpn_longer", "fused_longer"):
+        diff = np.subtract(rows[arm]["AP"]["values"], rows["fpn_longer"]["AP"]["values"])
+        assert summary["paired_start"][arm]["AP"]["values"] == pytest.approx(diff.tolist())
+    assert "efpn_longer: fpn_longer" in (out / "summary.md").read_text()
+    # a start needs its baseline arm before it, and only a baseline arm
+    with pytest.raises(ValueError, match="start=fpn_longer needs the baseline arm"):
+        parse_arms([["efpn_longer"]], cfg)
+    with pytest.raises(ValueError, match="start=efpn needs the baseline arm"):
+        parse_arms([["efpn"], ["mine", "start=efpn", "distill.lam=0.5"]], cfg)
+    arm = parse_arms([["fpn_longer"], ["mine", "start=fpn_longer", "distill.lam=0.5"]], cfg)[1]
+    assert arm.start == "fpn_longer" and arm.overrides == {"distill.lam": 0.5}
+
+
 def test_coco_ap_counts_only_the_evaluated_classes(tmp_path):
     from efpn.data.records import DetectionData, ImageRecord
     from efpn.engine.evaluate import evaluate_model

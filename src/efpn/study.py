@@ -5,9 +5,11 @@ Each run (a seed, or a seed and a fold) trains stage 1 once and checks the premi
 checkpoint, so each arm's difference to FPN 1x is paired: the same data, the same
 baseline, only the extension differs. The arm ``fpn_longer`` instead trains the FPN on
 from that checkpoint for as many epochs as stages 2-3 take, so that EFPN's extra
-training can be told apart from what the extension adds. The summary gives mean and
-standard deviation per row, and per arm the paired difference to FPN 1x with a 95%
-t-interval.
+training can be told apart from what the extension adds, and ``efpn_longer`` (or any arm
+with ``start=fpn_longer``) trains stages 2-3 on that longer-trained FPN, so that its
+paired difference to ``fpn_longer`` is what the extension adds to the same FPN. The
+summary gives mean and standard deviation per row, and per arm the paired difference to
+FPN 1x with a 95% t-interval.
 
 Layout of ``out``::
 
@@ -17,6 +19,7 @@ Layout of ``out``::
         stage1/, premise.json                    FPN, and its rows fpn_1x and fpn_2x
         <arm>/stage2/, <arm>/stage3/, <arm>/metrics.json
         fpn_longer/stage1/, fpn_longer/metrics.json   the baseline with EFPN's budget
+        efpn_longer/stage2/, .../stage3/             stages 2-3 from fpn_longer's FPN
         test.json           with ``--test``: every row on the held-out test set
 
 Each stage keeps its epoch with the best val AP_small, so val takes part in selection;
@@ -49,8 +52,10 @@ from .config import (
 from .data.records import DetectionData
 
 __all__ = [
+    "BASELINE_PRESETS",
     "PRESETS",
     "PRESET_GROUPS",
+    "START_PRESETS",
     "Arm",
     "fold_data",
     "paired_stats",
@@ -115,6 +120,13 @@ def _fpn_longer(cfg: Config) -> dict[str, Any]:
 #: arms that train the FPN baseline on (stage 1 from the stage-1 checkpoint) instead of
 #: stages 2-3: controls for EFPN's extra training
 BASELINE_PRESETS: dict[str, Any] = {"fpn_longer": _fpn_longer}
+#: arms that train stages 2-3 from a baseline arm's FPN: (that arm, the preset applied)
+START_PRESETS: dict[str, tuple[str, str]] = {
+    "efpn_longer": ("fpn_longer", "efpn"),
+    "fused_longer": ("fpn_longer", "fused"),
+}
+#: the pseudo-key of ``--arm NAME start=ARM key=value ...``
+START_KEY = "start"
 PRESET_GROUPS = {
     "table2": ["ext_only", "espcn", "ftt"],
     "table4": ["lambda0", "no_ftt_loss"],
@@ -132,6 +144,8 @@ class Arm:
     overrides: dict[str, Any] = field(default_factory=dict)
     #: train stage 1 on from the run's FPN instead of stages 2-3 (:data:`BASELINE_PRESETS`)
     baseline: bool = False
+    #: the baseline arm whose FPN stages 2-3 start from; ``None``: the run's stage 1
+    start: str | None = None
 
     @property
     def stage(self) -> int:
@@ -142,9 +156,11 @@ class Arm:
 def parse_arms(specs: list[list[str]] | None, cfg: Config) -> list[Arm]:
     """Arms from ``--arm NAME [key=value ...]`` specs.
 
-    A NAME alone is a preset (:data:`PRESETS`) or a group of them
-    (:data:`PRESET_GROUPS`); with ``key=value`` pairs it names a custom arm. No spec
-    gives the one arm ``efpn`` (the recipe as it is).
+    A NAME alone is a preset (:data:`PRESETS`, :data:`BASELINE_PRESETS`,
+    :data:`START_PRESETS`) or a group of them (:data:`PRESET_GROUPS`); with
+    ``key=value`` pairs it names a custom arm, and ``start=ARM`` among them makes its
+    stages 2-3 start from the FPN of the baseline arm ARM, given before it. No spec gives
+    the one arm ``efpn`` (the recipe as it is).
     """
     arms: list[Arm] = []
     for spec in specs or [["efpn"]]:
@@ -160,21 +176,32 @@ def parse_arms(specs: list[list[str]] | None, cfg: Config) -> list[Arm]:
             if name in BASELINE_PRESETS:
                 arms.append(Arm(name, dict(BASELINE_PRESETS[name](cfg)), baseline=True))
                 continue
+            if name in START_PRESETS:
+                start, preset = START_PRESETS[name]
+                arms.append(Arm(name, _preset(preset, cfg), start=start))
+                continue
             if name not in PRESETS:
-                names = ", ".join([*PRESETS, *BASELINE_PRESETS, *PRESET_GROUPS])
+                names = ", ".join([*PRESETS, *BASELINE_PRESETS, *START_PRESETS, *PRESET_GROUPS])
                 raise ValueError(
                     f"--arm {name!r}: not a preset ({names}); give key=value overrides to define it"
                 )
             arms.append(Arm(name, _preset(name, cfg)))
-        elif name in BASELINE_PRESETS:
+        elif name in BASELINE_PRESETS or name in START_PRESETS:
             raise ValueError(f"--arm {name!r}: a preset that takes no key=value overrides")
         else:
-            arms.append(Arm(name, dict(parse_override(p) for p in pairs)))
-    seen = set()
+            overrides = dict(parse_override(p) for p in pairs)
+            start = overrides.pop(START_KEY, None)
+            arms.append(Arm(name, overrides, start=None if start is None else str(start)))
+    seen: dict[str, Arm] = {}
     for arm in arms:
         if arm.name in seen:
             raise ValueError(f"--arm {arm.name!r} given twice")
-        seen.add(arm.name)
+        if arm.start is not None and not (arm.start in seen and seen[arm.start].baseline):
+            raise ValueError(
+                f"--arm {arm.name!r}: start={arm.start} needs the baseline arm --arm "
+                f"{arm.start} before it (baseline presets: {', '.join(BASELINE_PRESETS)})"
+            )
+        seen[arm.name] = arm
         apply_overrides(cfg, arm.overrides, f"--arm {arm.name}")  # validates the keys
     return arms
 
@@ -280,8 +307,14 @@ def paired_stats(arm: list[float], base: list[float]) -> dict:
     return {"mean": mean, "ci95": ci, "values": [float(v) for v in d]}
 
 
-def summarize(results: dict[str, dict[str, dict]], runs: list[str], arms: list[str]) -> dict:
-    """The study summary from per-run rows ``results[run][row][metric]``."""
+def summarize(
+    results: dict[str, dict[str, dict]],
+    runs: list[str],
+    arms: list[str],
+    starts: dict[str, str] | None = None,
+) -> dict:
+    """The study summary from per-run rows ``results[run][row][metric]``; ``starts``
+    maps an arm to the baseline arm whose FPN it started from (``paired_start``)."""
     rows = {}
     for row in [*RESERVED, *arms]:
         rows[row] = {m: row_stats([results[r][row][m] for r in runs]) for m in METRICS}
@@ -301,6 +334,12 @@ def summarize(results: dict[str, dict[str, dict]], runs: list[str], arms: list[s
     if "efpn" in arms and len(arms) > 1:
         # ablations are read against the full method, as the paper's tables are
         summary["paired_efpn"] = against("efpn", [a for a in arms if a != "efpn"])
+    if starts:
+        # the extension's gain over the very FPN it was added to
+        summary["starts"] = dict(starts)
+        summary["paired_start"] = {
+            a: against(base, [a])[a] for a, base in starts.items() if a in arms and base in arms
+        }
     return summary
 
 
@@ -322,7 +361,17 @@ def format_summary(summary: dict) -> str:
             for s in (stats[m] for m in METRICS)
         ]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    for key, base in (("paired", "FPN 1x"), ("paired_fpn_2x", "FPN 2x"), ("paired_efpn", "efpn")):
+    start_label = (
+        "the FPN each arm starts from ("
+        + ", ".join(f"{a}: {b}" for a, b in summary.get("starts", {}).items())
+        + ")"
+    )
+    for key, base in (
+        ("paired", "FPN 1x"),
+        ("paired_fpn_2x", "FPN 2x"),
+        ("paired_efpn", "efpn"),
+        ("paired_start", start_label),
+    ):
         if key not in summary:
             continue
         lines += [
@@ -413,7 +462,8 @@ def _write_summary(
     out: Path, results, names, arm_list, settings, complete: bool, test_results=None
 ) -> dict:
     arms = [a.name for a in arm_list]
-    summary = summarize(results, names, arms)
+    starts = {a.name: a.start for a in arm_list if a.start}
+    summary = summarize(results, names, arms, starts)
     summary["complete"] = complete
     summary["premise"] = {n: _read_json(out / n / "premise.json")["delta_AP_small"] for n in names}
     summary["settings"] = {k: v for k, v in settings.items() if k != "config"}
@@ -422,7 +472,7 @@ def _write_summary(
 
     if test_results:
         test_names = [n for n in names if n in test_results]
-        summary["test"] = summarize(test_results, test_names, arms)
+        summary["test"] = summarize(test_results, test_names, arms, starts)
         summary["test"]["source"] = settings["test"]
         text += (
             f"\n\n## Held-out test set ({settings['test']}: no run trained or selected on it)"
@@ -548,7 +598,10 @@ def run_study(
         "config_path": str(config),
         "seeds": seeds,
         "folds": folds,
-        "arms": {a.name: a.overrides for a in arm_list},
+        "arms": {
+            a.name: a.overrides if a.start is None else {**a.overrides, START_KEY: a.start}
+            for a in arm_list
+        },
         "test": None if test is None else str(test),
     }
     previous = _read_json(out / "study.json")
@@ -599,7 +652,7 @@ def run_study(
             done += 1
             metrics = _read_json(adir / "metrics.json")
             acfg = apply_overrides(cfg, arm.overrides, f"--arm {arm.name}")
-            key = training_key(acfg)
+            key = (arm.start, training_key(acfg))
             if metrics is None and key in trained:
                 # only inference settings differ from an arm already trained: evaluate
                 # its checkpoint with this arm's settings instead of training again
@@ -626,14 +679,23 @@ def run_study(
                     )
                     best = trainer.run_stage(1, resume=True, init=rdir / "stage1" / "best.pt")
                 else:
-                    _say(f"[{done}/{total}] {name}/{arm.name}: stages 2-3 {arm.overrides or ''}")
-                    trainer.run_stage(2, resume=True, init=rdir / "stage1" / "best.pt")
+                    on_fpn = "" if arm.start is None else f" on {arm.start}'s FPN"
+                    _say(
+                        f"[{done}/{total}] {name}/{arm.name}: stages 2-3{on_fpn} {arm.overrides or ''}"
+                    )
+                    fpn = rdir / (arm.start or "") / "stage1" / "best.pt"
+                    trainer.run_stage(2, resume=True, init=fpn)
                     best = trainer.run_stage(3, resume=True)
                 metrics = _evaluate(best, data[1], acfg, quiet=trainer_quiet)
                 _write_json(adir / "metrics.json", metrics)
+                vs_start = (
+                    ""
+                    if arm.start is None
+                    else (f", {arm.start} {results[name][arm.start]['AP_small']:.3f}")
+                )
                 _say(
                     f"{name}/{arm.name}: AP_small {metrics['AP_small']:.3f} "
-                    f"(FPN 1x {premise['fpn_1x']['AP_small']:.3f}, 2x {premise['fpn_2x']['AP_small']:.3f})"
+                    f"(FPN 1x {premise['fpn_1x']['AP_small']:.3f}, 2x {premise['fpn_2x']['AP_small']:.3f}{vs_start})"
                 )
             else:
                 _say(f"[{done}/{total}] {name}/{arm.name}: done")
