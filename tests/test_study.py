@@ -331,6 +331,10 @@ def test_fpn_longer_trains_the_runs_fpn_on_with_efpns_budget(study_run, monkeypa
     )
     with pytest.raises(ValueError, match="takes no key=value"):
         parse_arms([["fpn_longer", "stage1.optim.lr=0.1"]], cfg)
+    # twice the budget: as many epochs after stage 1 as efpn_longer trains
+    x2 = parse_arms([["fpn_longer_x2"]], cfg)[0]
+    assert x2.baseline and x2.overrides["stage1.optim.epochs"] == 2 * epochs
+    assert x2.overrides["stage1.optim.lr"] == cfg.stage3.optim.lr
 
 
 def test_efpn_longer_adds_the_extension_to_fpn_longers_fpn(study_run, monkeypatch):

@@ -106,20 +106,25 @@ PRESETS: dict[str, Any] = {
 }
 
 
-def _fpn_longer(cfg: Config) -> dict[str, Any]:
-    # stage 1 again from its best checkpoint, with stage 3's optimiser for as many epochs
-    # as stages 2 and 3 take together, at the test scale as they train: FPN with EFPN's
-    # training budget
+def _fpn_longer(cfg: Config, factor: int = 1) -> dict[str, Any]:
+    # stage 1 again from its best checkpoint, with stage 3's optimiser for ``factor``
+    # times as many epochs as stages 2 and 3 take together, at the test scale as they
+    # train: FPN with EFPN's training budget (x2: with efpn_longer's)
     optim = {
         f"stage1.optim.{f.name}": getattr(cfg.stage3.optim, f.name) for f in fields(OptimConfig)
     }
-    optim["stage1.optim.epochs"] = cfg.stage2.optim.epochs + cfg.stage3.optim.epochs
+    optim["stage1.optim.epochs"] = factor * (cfg.stage2.optim.epochs + cfg.stage3.optim.epochs)
     return {**optim, "data.scale_jitter": []}
 
 
+def _fpn_longer_x2(cfg: Config) -> dict[str, Any]:
+    return _fpn_longer(cfg, factor=2)
+
+
 #: arms that train the FPN baseline on (stage 1 from the stage-1 checkpoint) instead of
-#: stages 2-3: controls for EFPN's extra training
-BASELINE_PRESETS: dict[str, Any] = {"fpn_longer": _fpn_longer}
+#: stages 2-3: controls for EFPN's extra training (``fpn_longer_x2``: for as many epochs
+#: as ``efpn_longer`` trains after stage 1)
+BASELINE_PRESETS: dict[str, Any] = {"fpn_longer": _fpn_longer, "fpn_longer_x2": _fpn_longer_x2}
 #: arms that train stages 2-3 from a baseline arm's FPN: (that arm, the preset applied)
 START_PRESETS: dict[str, tuple[str, str]] = {
     "efpn_longer": ("fpn_longer", "efpn"),
