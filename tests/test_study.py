@@ -284,15 +284,10 @@ def test_study_evaluates_every_row_on_a_held_out_test_set(study_run, monkeypatch
     assert len(err.splitlines()) == 1 and str(other) in err
 
 
-def test_fpn_longer_trains_the_runs_fpn_on_with_efpns_budget(study_run, monkeypatch):
-    from efpn.cli import main
-    from efpn.config import load_config
+def _record_stages(monkeypatch) -> list:
+    """``(run folder name, stage, init)`` of every ``Trainer.run_stage`` call, as it runs."""
     from efpn.engine import train as train_mod
-    from efpn.engine.evaluate import evaluate_model
-    from efpn.engine.train import load_data, model_from_checkpoint
 
-    root, args = study_run
-    out = root / "s"
     calls = []
     original = train_mod.Trainer.run_stage
 
@@ -301,6 +296,18 @@ def test_fpn_longer_trains_the_runs_fpn_on_with_efpns_budget(study_run, monkeypa
         return original(self, stage, resume=resume, init=init)
 
     monkeypatch.setattr(train_mod.Trainer, "run_stage", spy)
+    return calls
+
+
+def test_fpn_longer_trains_the_runs_fpn_on_with_efpns_budget(study_run, monkeypatch):
+    from efpn.cli import main
+    from efpn.config import load_config
+    from efpn.engine.evaluate import evaluate_model
+    from efpn.engine.train import load_data, model_from_checkpoint
+
+    root, args = study_run
+    out = root / "s"
+    calls = _record_stages(monkeypatch)
     assert main([*args, "--arm", "efpn", "--arm", "fpn_longer"]) == 0
     # only the new arm trains, stage 1 only, from its run's FPN
     assert calls == [
@@ -340,18 +347,10 @@ def test_fpn_longer_trains_the_runs_fpn_on_with_efpns_budget(study_run, monkeypa
 def test_efpn_longer_adds_the_extension_to_fpn_longers_fpn(study_run, monkeypatch):
     from efpn.cli import main
     from efpn.config import load_config
-    from efpn.engine import train as train_mod
 
     root, args = study_run
     out = root / "s"
-    calls = []
-    original = train_mod.Trainer.run_stage
-
-    def spy(self, stage, resume=False, init=None):
-        calls.append((self.out.name, stage, None if init is None else Path(init)))
-        return original(self, stage, resume=resume, init=init)
-
-    monkeypatch.setattr(train_mod.Trainer, "run_stage", spy)
+    calls = _record_stages(monkeypatch)
     arms = ["--arm", "efpn", "--arm", "fpn_longer", "--arm", "efpn_longer", "--arm", "fused_longer"]
     assert main([*args, *arms]) == 0
     # stages 2-3 start from fpn_longer's FPN, not the run's; fused_longer only evaluates
