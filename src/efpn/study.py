@@ -342,9 +342,7 @@ def summarize(
     if starts:
         # the extension's gain over the very FPN it was added to
         summary["starts"] = dict(starts)
-        summary["paired_start"] = {
-            a: against(base, [a])[a] for a, base in starts.items() if a in arms and base in arms
-        }
+        summary["paired_start"] = {a: against(base, [a])[a] for a, base in starts.items()}
     return summary
 
 
