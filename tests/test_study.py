@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from efpn.study import (
+    epochs_after_stage1,
     fold_data,
     paired_stats,
     parse_arms,
@@ -380,7 +381,24 @@ def test_efpn_longer_adds_the_extension_to_fpn_longers_fpn(study_run, monkeypatc
     for arm in ("efpn_longer", "fused_longer"):
         diff = np.subtract(rows[arm]["AP"]["values"], rows["fpn_longer"]["AP"]["values"])
         assert summary["paired_start"][arm]["AP"]["values"] == pytest.approx(diff.tolist())
-    assert "efpn_longer: fpn_longer" in (out / "summary.md").read_text()
+    md = (out / "summary.md").read_text()
+    assert "efpn_longer: fpn_longer" in md
+    # the equal-training control: efpn and fpn_longer both train stages 2+3's epochs on
+    # from stage 1; the arms on fpn_longer's FPN are paired with it in paired_start only
+    e = cfg.stage2.optim.epochs + cfg.stage3.optim.epochs
+    assert summary["epochs_after_stage1"] == {
+        "efpn": e,
+        "fpn_longer": e,
+        "efpn_longer": 2 * e,
+        "fused_longer": 2 * e,
+    }
+    control = summary["paired_baselines"]["fpn_longer"]
+    assert list(control) == ["efpn"]
+    diff = np.subtract(rows["efpn"]["AP"]["values"], rows["fpn_longer"]["AP"]["values"])
+    assert control["efpn"]["AP"]["values"] == pytest.approx(diff.tolist())
+    assert f"fpn_longer, the FPN trained on for {e} epoch(s) after stage 1 (as many as efpn)" in md
+    x2 = parse_arms([["fpn_longer_x2"], ["mine", "start=fpn_longer_x2"], ["efpn"]], cfg)
+    assert epochs_after_stage1(cfg, x2) == {"fpn_longer_x2": 2 * e, "mine": 3 * e, "efpn": e}
     # a start needs its baseline arm before it, and only a baseline arm
     with pytest.raises(ValueError, match="start=fpn_longer needs the baseline arm"):
         parse_arms([["efpn_longer"]], cfg)

@@ -57,6 +57,7 @@ __all__ = [
     "PRESET_GROUPS",
     "START_PRESETS",
     "Arm",
+    "epochs_after_stage1",
     "fold_data",
     "paired_stats",
     "parse_arms",
@@ -317,9 +318,22 @@ def summarize(
     runs: list[str],
     arms: list[str],
     starts: dict[str, str] | None = None,
+    baselines: list[str] | None = None,
+    epochs: dict[str, int] | None = None,
 ) -> dict:
-    """The study summary from per-run rows ``results[run][row][metric]``; ``starts``
-    maps an arm to the baseline arm whose FPN it started from (``paired_start``)."""
+    """The study summary from per-run rows ``results[run][row][metric]``.
+
+    Args:
+        results: ``results[run][row][metric]``.
+        runs: the run names, in order.
+        arms: the arm names (rows besides ``fpn_1x`` and ``fpn_2x``).
+        starts: an arm -> the baseline arm whose FPN it started from (``paired_start``).
+        baselines: the baseline arms (FPNs trained on): every other arm that does not
+            start from one is also paired with each (``paired_baselines``), the control
+            for extra training.
+        epochs: an arm -> the epochs it trained after stage 1 (``epochs_after_stage1``),
+            to tell which comparisons are at equal training.
+    """
     rows = {}
     for row in [*RESERVED, *arms]:
         rows[row] = {m: row_stats([results[r][row][m] for r in runs]) for m in METRICS}
@@ -343,6 +357,14 @@ def summarize(
         # the extension's gain over the very FPN it was added to
         summary["starts"] = dict(starts)
         summary["paired_start"] = {a: against(base, [a])[a] for a, base in starts.items()}
+    starts = starts or {}
+    if baselines:
+        others = [a for a in arms if a not in baselines]
+        summary["paired_baselines"] = {
+            b: against(b, [a for a in others if starts.get(a) != b]) for b in baselines
+        }
+    if epochs:
+        summary["epochs_after_stage1"] = dict(epochs)
     return summary
 
 
@@ -369,13 +391,19 @@ def format_summary(summary: dict) -> str:
         + ", ".join(f"{a}: {b}" for a, b in summary.get("starts", {}).items())
         + ")"
     )
-    for key, base in (
-        ("paired", "FPN 1x"),
-        ("paired_fpn_2x", "FPN 2x"),
-        ("paired_efpn", "efpn"),
-        ("paired_start", start_label),
-    ):
-        if key not in summary:
+    epochs = summary.get("epochs_after_stage1", {})
+    sections = [
+        ("FPN 1x", summary.get("paired")),
+        ("FPN 2x", summary.get("paired_fpn_2x")),
+        ("efpn", summary.get("paired_efpn")),
+        (start_label, summary.get("paired_start")),
+    ]
+    for b, pairs in summary.get("paired_baselines", {}).items():
+        same = [a for a in pairs if a in epochs and epochs[a] == epochs.get(b)]
+        label = f"{b}, the FPN trained on for {epochs.get(b, '?')} epoch(s) after stage 1"
+        sections.append((label + (f" (as many as {', '.join(same)})" if same else ""), pairs))
+    for base, pairs in sections:
+        if not pairs:
             continue
         lines += [
             "",
@@ -384,7 +412,7 @@ def format_summary(summary: dict) -> str:
             head.replace("row", "arm"),
             sep,
         ]
-        for arm, stats in summary[key].items():
+        for arm, stats in pairs.items():
             cells = []
             for m in METRICS:
                 s = stats[m]
@@ -461,12 +489,27 @@ def _write_json(path: Path, value: Any) -> None:
     tmp.replace(path)
 
 
+def epochs_after_stage1(cfg: Config, arm_list: list[Arm]) -> dict[str, int]:
+    """The epochs each arm trains after the run's stage 1: a baseline arm's stage 1
+    again, or stages 2 and 3 plus, for an arm with a start, its start's epochs."""
+    epochs: dict[str, int] = {}
+    for arm in arm_list:  # parse_arms puts every start before the arms that use it
+        acfg = apply_overrides(cfg, arm.overrides, f"--arm {arm.name}")
+        if arm.baseline:
+            epochs[arm.name] = acfg.stage1.optim.epochs
+        else:
+            own = acfg.stage2.optim.epochs + acfg.stage3.optim.epochs
+            epochs[arm.name] = own + (epochs[arm.start] if arm.start else 0)
+    return epochs
+
+
 def _write_summary(
-    out: Path, results, names, arm_list, settings, complete: bool, test_results=None
+    out: Path, results, names, arm_list, settings, complete: bool, test_results=None, epochs=None
 ) -> dict:
     arms = [a.name for a in arm_list]
     starts = {a.name: a.start for a in arm_list if a.start}
-    summary = summarize(results, names, arms, starts)
+    baselines = [a.name for a in arm_list if a.baseline]
+    summary = summarize(results, names, arms, starts, baselines, epochs)
     summary["complete"] = complete
     summary["premise"] = {n: _read_json(out / n / "premise.json")["delta_AP_small"] for n in names}
     summary["settings"] = {k: v for k, v in settings.items() if k != "config"}
@@ -475,7 +518,7 @@ def _write_summary(
 
     if test_results:
         test_names = [n for n in names if n in test_results]
-        summary["test"] = summarize(test_results, test_names, arms, starts)
+        summary["test"] = summarize(test_results, test_names, arms, starts, baselines, epochs)
         summary["test"]["source"] = settings["test"]
         text += (
             f"\n\n## Held-out test set ({settings['test']}: no run trained or selected on it)"
@@ -713,7 +756,14 @@ def run_study(
         # every run is in)
         finished = [n for n in names if n in results]
         summary = _write_summary(
-            out, results, finished, arm_list, settings, len(finished) == len(names), test_results
+            out,
+            results,
+            finished,
+            arm_list,
+            settings,
+            len(finished) == len(names),
+            test_results,
+            epochs_after_stage1(base, arm_list),
         )
     table = format_summary(summary)
     _say(
