@@ -675,6 +675,7 @@ def run_study(
     trainer_quiet = quiet
     results: dict[str, dict] = {}
     total = len(runs) * (1 + len(arm_list))
+    epochs = epochs_after_stage1(base, arm_list)
     done = 0
     start = time.perf_counter()
     for (seed, fold), name in zip(runs, names):
@@ -763,7 +764,7 @@ def run_study(
             settings,
             len(finished) == len(names),
             test_results,
-            epochs_after_stage1(base, arm_list),
+            epochs,
         )
     table = format_summary(summary)
     _say(
