@@ -259,6 +259,37 @@ def test_study_evaluates_every_row_on_a_held_out_test_set(study_run, monkeypatch
     assert test["paired"]["efpn"]["AP"]["values"] == pytest.approx(diff.tolist())
     text = (out / "summary.md").read_text()
     assert "Held-out test set" in text and (out / "paired_test.png").exists()
+    assert test["held_out"] is True
+    # the study's own val split again with AP over one class (data.eval_classes): run,
+    # but labelled as a second evaluation on val images, not as a held-out set
+    val = load_data(cfg, root)[1]
+    (root / "v").mkdir()
+    again = write_tiny_config(
+        root / "v",
+        **{"distill.teacher_mode": "upsample_teacher", "data.eval_classes": val.classes[0]},
+    )
+    assert main([*args, "--arm", "efpn", "--arm", "gated", "--test", str(again)]) == 0
+    second = json.loads((out / "summary.json").read_text())
+    assert second["rows"] == summary["rows"]  # the val rows stay as they were
+    assert second["test"]["held_out"] is False and second["test"]["source"] == str(again)
+    val.eval_classes = [val.classes[0]]
+    fpn, _ = model_from_checkpoint(out / "seed1" / "stage1" / "best.pt")
+    ref = evaluate_model(fpn, val, quiet=True, **kw)
+    assert second["test"]["rows"]["fpn_1x"]["AP"]["values"][1] == pytest.approx(ref["AP"])
+    text = (out / "summary.md").read_text()
+    assert "Second evaluation on" in text and "not held out" in text
+    assert "Held-out test set" not in text
+    # a "test set" holding training images is refused in one line
+    train_json = load_data(cfg, root)[0].source
+    leak = root / "leak"
+    leak.mkdir()
+    leaky = write_tiny_config(
+        leak, **{"data.format": "coco", "data.train": train_json, "data.val": train_json}
+    )
+    capsys.readouterr()
+    assert main([*args, "--arm", "efpn", "--test", str(leaky)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "must not be trained on" in err
     # a test set of other classes is one line
     u = root / "u"
     u.mkdir()
@@ -442,3 +473,19 @@ def test_premise_message_names_native_factors_for_fixed_scale_models():
 
     line, holds = premise_message({"AP_small": 0.033}, {"AP_small": 0.031}, 512, 0.5)
     assert "at 0.5x native (1x), 0.031 at 1x native (2x)" in line and not holds
+
+
+def test_eval_classes_key_sets_and_checks_the_evaluated_classes(tiny_cfg, tmp_path):
+    from efpn.data.records import DataError
+    from efpn.engine.train import load_data
+
+    train, val = load_data(tiny_cfg(), tmp_path)
+    assert train.eval_classes is None and val.eval_classes is None
+    name = val.classes[1]
+    train, val = load_data(tiny_cfg(**{"data.eval_classes": f" {name} ,"}), tmp_path)
+    assert train.eval_classes == val.eval_classes == [name]
+    with pytest.raises(DataError, match="no class 'nosuch'") as err:
+        load_data(tiny_cfg(**{"data.eval_classes": f"{name},nosuch"}), tmp_path)
+    assert len(str(err.value).splitlines()) == 1 and "train.json" in str(err.value)
+    with pytest.raises(DataError, match="names no class"):
+        load_data(tiny_cfg(**{"data.eval_classes": " , "}), tmp_path)

@@ -42,6 +42,8 @@ class DataConfig:
     val_split: str | None = "val"
     classes: str | None = None
     keep_other: bool = False
+    # comma-separated classes that evaluation counts (training still sees every class)
+    eval_classes: str | None = None
     # hold out this fraction of `train` (its `train_split`) as val, by sorted file name
     # shuffled with split_seed, for data without a split of its own (0: use `val`)
     val_fraction: float = 0.0

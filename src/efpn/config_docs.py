@@ -5,7 +5,7 @@ from __future__ import annotations
 
 __all__ = ["INTRO", "SECTIONS", "key_help", "render_markdown"]
 
-INTRO = "# Recipe reference\n\nA recipe is a YAML file (read with `yaml.safe_load`; nothing in it is evaluated) that\nmaps onto the dataclasses of `efpn/config.py`. Every key is optional; an unknown key,\na value of the wrong type (`epochs: 1.5`, `lr: fast`) or out of range (`lr: 0`,\n`batch_size: 0`, `lr: .nan`) stops the command with one line naming the file and the\nkey. `lr: 1e-3`, which YAML reads as a string, is accepted as the number. The resolved\nrecipe is written to every run folder as `config.yaml`.\n\nShipped recipes (also inside the package, so `efpn demo` finds its own):\n`configs/demo.yaml` (SynthSigns, `make demo`), `configs/aerial_cars.yaml` (aerial cars\nnear native resolution), `configs/aerial_cars_half.yaml` (aerial cars at half\nresolution, the teacher on the native pixels), `configs/demo_test.yaml` (a held-out\nSynthSigns test set for `efpn study --test`: only its val split is read).\n\n"
+INTRO = "# Recipe reference\n\nA recipe is a YAML file (read with `yaml.safe_load`; nothing in it is evaluated) that\nmaps onto the dataclasses of `efpn/config.py`. Every key is optional; an unknown key,\na value of the wrong type (`epochs: 1.5`, `lr: fast`) or out of range (`lr: 0`,\n`batch_size: 0`, `lr: .nan`) stops the command with one line naming the file and the\nkey. `lr: 1e-3`, which YAML reads as a string, is accepted as the number. The resolved\nrecipe is written to every run folder as `config.yaml`.\n\nShipped recipes (also inside the package, so `efpn demo` finds its own):\n`configs/demo.yaml` (SynthSigns, `make demo`), `configs/aerial_cars.yaml` (aerial cars\nnear native resolution), `configs/aerial_cars_half.yaml` (aerial cars at half\nresolution, the teacher on the native pixels), `configs/demo_test.yaml` (a held-out\nSynthSigns test set for `efpn study --test`: only its val split is read),\n`configs/aerial_cars_val_cars.yaml` (the aerial cars val split with AP over cars only,\nfor a second evaluation of an aerial study with `--test`).\n\n"
 
 #: (title, text before the table, rows of (keys, default, meaning)); keys are
 #: back-quoted names, comma-separated where several share a row
@@ -89,6 +89,11 @@ SECTIONS: list[tuple[str, str, list[tuple[str, str, str]]]] = [
                 "`keep_other`",
                 "`false`",
                 "TT100K: also train on the classes outside `classes` (evaluation still counts `classes` only, COCO AP included).",
+            ],
+            [
+                "`eval_classes`",
+                "`null`",
+                "comma-separated classes that evaluation counts (COCO AP, AR and the TT100K figures, best-epoch selection and the premise check included); training still sees every class. For data where a few objects of rare classes would weigh as much in COCO's mean over classes as thousands of a common one (aerial cars: 510 cars, 5 buses and 4 minibuses in val). `null`: every class (TT100K: `classes`).",
             ],
             [
                 "`val_fraction`",

@@ -520,10 +520,15 @@ def _write_summary(
         test_names = [n for n in names if n in test_results]
         summary["test"] = summarize(test_results, test_names, arms, starts, baselines, epochs)
         summary["test"]["source"] = settings["test"]
-        text += (
-            f"\n\n## Held-out test set ({settings['test']}: no run trained or selected on it)"
-            f"\n\n{format_summary(summary['test'])}"
+        shared = settings.get("test_shares_val", 0)
+        summary["test"]["held_out"] = not shared
+        title = (
+            f"Held-out test set ({settings['test']}: no run trained or selected on it)"
+            if not shared
+            else f"Second evaluation on {settings['test']} ({shared} of its images are val "
+            "images, where each stage's best epoch was selected: not held out)"
         )
+        text += f"\n\n## {title}\n\n{format_summary(summary['test'])}"
         plot_paired(summary["test"], out / "paired_test.png")
     _write_json(out / "summary.json", summary)
     (out / "summary.md").write_text(text + "\n")
@@ -579,6 +584,12 @@ def load_test(test: str | Path, train: DetectionData, root: Path) -> DetectionDa
     if not data.images:
         raise ValueError(f"{test}: its val split has no images")
     return data
+
+
+def shared_images(a: DetectionData, b: DetectionData) -> int:
+    """How many of ``a``'s image files are also in ``b``."""
+    paths = {b.image_path(r) for r in b.images}
+    return sum(a.image_path(r) in paths for r in a.images)
 
 
 def _test_rows(rdir: Path, cfg: Config, arm_list, test_data, source: str, quiet: bool) -> dict:
@@ -669,6 +680,16 @@ def run_study(
 
     train, val = load_data(base, out.parent if base.data.format == "synth" else None)
     test_data = None if test is None else load_test(test, train, out.parent)
+    if test_data is not None:
+        in_train, in_val = shared_images(test_data, train), shared_images(test_data, val)
+        if in_train or (folds and in_val):
+            raise ValueError(
+                f"{test}: {in_train + in_val} of its {len(test_data.images)} images are "
+                f"among the study's training images; a test set must not be trained on"
+            )
+        # the val split again under other evaluation settings (data.eval_classes, say):
+        # allowed, but it is not held out, and the summary says so
+        settings["test_shares_val"] = in_val
     test_results: dict[str, dict] = {}
     runs = [(base.seed + s, k) for s in range(seeds) for k in (range(folds) if folds else [None])]
     names = [f"seed{s}" if k is None else f"seed{s}_fold{k}" for s, k in runs]

@@ -30,7 +30,7 @@ from ..data import (
     generate,
     read_dataset,
 )
-from ..data.records import DetectionData
+from ..data.records import DataError, DetectionData
 from ..distill import distillation_loss, freeze_all_but_new_modules, source_teacher_batch
 from ..models import efpn_fpn, load_baseline_state_dict
 from . import distributed as dist_utils
@@ -90,7 +90,9 @@ def load_data(cfg: Config, root: Path | None = None) -> tuple[DetectionData, Det
                 generate(out, d.synth_train, d.synth_val, d.synth_size, d.synth_seed)
             if dist_utils.world_size() > 1:
                 torch.distributed.barrier()
-        return read_dataset(out / "train.json", "coco"), read_dataset(out / "val.json", "coco")
+        return _only_eval_classes(
+            d, read_dataset(out / "train.json", "coco"), read_dataset(out / "val.json", "coco")
+        )
 
     def read(path, split):
         kw = {}
@@ -107,8 +109,27 @@ def load_data(cfg: Config, root: Path | None = None) -> tuple[DetectionData, Det
     if d.val_fraction > 0:  # no split in the data: hold out a deterministic fraction
         from ..data.splits import holdout
 
-        return holdout(read(d.train, d.train_split), d.val_fraction, d.split_seed)
-    return read(d.train, d.train_split), read(d.val or d.train, d.val_split)
+        return _only_eval_classes(
+            d, *holdout(read(d.train, d.train_split), d.val_fraction, d.split_seed)
+        )
+    return _only_eval_classes(d, read(d.train, d.train_split), read(d.val or d.train, d.val_split))
+
+
+def _only_eval_classes(d, train: DetectionData, val: DetectionData):
+    """Apply ``data.eval_classes``: evaluation counts only the named classes."""
+    if d.eval_classes is None:
+        return train, val
+    names = [c.strip() for c in d.eval_classes.split(",") if c.strip()]
+    for data in (train, val):
+        unknown = [c for c in names if c not in data.classes]
+        if unknown or not names:
+            raise DataError(
+                f"{data.source}: data.eval_classes {d.eval_classes!r}: "
+                + (f"no class {unknown[0]!r}" if unknown else "names no class")
+                + f"; the data's classes are {', '.join(data.classes)}"
+            )
+        data.eval_classes = names
+    return train, val
 
 
 def model_kwargs(cfg: Config, extended: bool = True) -> dict:
