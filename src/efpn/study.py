@@ -610,7 +610,7 @@ def _test_rows(rdir: Path, cfg: Config, arm_list, test_data, source: str, quiet:
     for row, best, scale, rcfg, inference in jobs:
         if row in rows:
             continue
-        _say(f"{rdir.name}/{row}: held-out test set")
+        _say(f"{rdir.name}/{row}: evaluated on {source}")
         rows[row] = _evaluate(best, test_data, rcfg, quiet=quiet, scale=scale, **inference)
         _write_json(path, record)
     return rows
