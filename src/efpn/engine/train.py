@@ -79,7 +79,29 @@ CSV_COLUMNS = ["stage", "epoch", "step", "split", "lr", *LOSS_COLUMNS, *VAL_COLU
 
 # ----------------------------------------------------------------------------- data and model
 def load_data(cfg: Config, root: Path | None = None) -> tuple[DetectionData, DetectionData]:
-    """Train and val records for a config; ``synth`` generates SynthSigns under ``root``."""
+    """Train and val records for a config; ``synth`` generates SynthSigns under ``root``.
+    With ``data.eval_classes``, both count only those classes in evaluation."""
+    train, val = _read_splits(cfg, root)
+    if cfg.data.eval_classes is not None:
+        names = _names(cfg.data.eval_classes)
+        for data in (train, val):
+            unknown = [c for c in names if c not in data.classes]
+            if unknown or not names:
+                raise DataError(
+                    f"{data.source}: data.eval_classes {cfg.data.eval_classes!r}: "
+                    + (f"no class {unknown[0]!r}" if unknown else "names no class")
+                    + f"; the data's classes are {', '.join(data.classes)}"
+                )
+            data.eval_classes = names
+    return train, val
+
+
+def _names(text: str) -> list[str]:
+    """A comma-separated list of class names."""
+    return [c.strip() for c in text.split(",") if c.strip()]
+
+
+def _read_splits(cfg: Config, root: Path | None) -> tuple[DetectionData, DetectionData]:
     d = cfg.data
     if d.format == "synth":
         # One folder per generator setting, so a changed recipe never reads stale data.
@@ -90,9 +112,7 @@ def load_data(cfg: Config, root: Path | None = None) -> tuple[DetectionData, Det
                 generate(out, d.synth_train, d.synth_val, d.synth_size, d.synth_seed)
             if dist_utils.world_size() > 1:
                 torch.distributed.barrier()
-        return _only_eval_classes(
-            d, read_dataset(out / "train.json", "coco"), read_dataset(out / "val.json", "coco")
-        )
+        return read_dataset(out / "train.json", "coco"), read_dataset(out / "val.json", "coco")
 
     def read(path, split):
         kw = {}
@@ -103,33 +123,14 @@ def load_data(cfg: Config, root: Path | None = None) -> tuple[DetectionData, Det
         if d.format == "tt100k":
             kw.update(classes=d.classes or "tt100k45", keep_other=d.keep_other)
         elif d.format in ("yolo", "voc", "dota") and d.classes:
-            kw["classes"] = [c.strip() for c in d.classes.split(",") if c.strip()]
+            kw["classes"] = _names(d.classes)
         return read_dataset(path, d.format, **kw)
 
     if d.val_fraction > 0:  # no split in the data: hold out a deterministic fraction
         from ..data.splits import holdout
 
-        return _only_eval_classes(
-            d, *holdout(read(d.train, d.train_split), d.val_fraction, d.split_seed)
-        )
-    return _only_eval_classes(d, read(d.train, d.train_split), read(d.val or d.train, d.val_split))
-
-
-def _only_eval_classes(d, train: DetectionData, val: DetectionData):
-    """Apply ``data.eval_classes``: evaluation counts only the named classes."""
-    if d.eval_classes is None:
-        return train, val
-    names = [c.strip() for c in d.eval_classes.split(",") if c.strip()]
-    for data in (train, val):
-        unknown = [c for c in names if c not in data.classes]
-        if unknown or not names:
-            raise DataError(
-                f"{data.source}: data.eval_classes {d.eval_classes!r}: "
-                + (f"no class {unknown[0]!r}" if unknown else "names no class")
-                + f"; the data's classes are {', '.join(data.classes)}"
-            )
-        data.eval_classes = names
-    return train, val
+        return holdout(read(d.train, d.train_split), d.val_fraction, d.split_seed)
+    return read(d.train, d.train_split), read(d.val or d.train, d.val_split)
 
 
 def model_kwargs(cfg: Config, extended: bool = True) -> dict:
