@@ -177,6 +177,65 @@ def test_ohem_handles_an_image_with_boxes_but_no_small_proposal(monkeypatch):
     assert heads.ohem and torch.isfinite(losses["loss_classifier_small"])
 
 
+def test_ohem_two_passes_give_the_one_pass_loss_and_gradient():
+    from efpn.models.heads import _per_roi_losses
+
+    model = _ohem_model(min_size=96, max_size=96)
+    heads = model.roi_heads
+    torch.manual_seed(1)
+    images = [torch.rand(3, 96, 96), torch.rand(3, 96, 96)]
+    targets = [
+        {
+            "boxes": torch.tensor([[10.0, 10.0, 22.0, 20.0], [40.0, 50.0, 52.0, 66.0]]),
+            "labels": torch.tensor([1, 2]),
+        },
+        {"boxes": torch.tensor([[60.0, 8.0, 70.0, 18.0]]), "labels": torch.tensor([2])},
+    ]
+    xy = torch.rand(2, 300, 2) * 80
+    wh = torch.rand(2, 300, 2) * 30 + 2
+    proposals = [torch.cat([xy[i], xy[i] + wh[i]], 1) for i in range(2)]
+    image_list, targets_t = model.transform(images, targets)
+    sizes = image_list.image_sizes
+    params = list(heads.small_box_head.parameters()) + list(model.backbone.extension.parameters())
+
+    def grads():
+        out = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+        model.zero_grad(set_to_none=True)
+        return out
+
+    # reference: every small RoI through the head with autograd, loss on the selected ones
+    features = model.backbone(image_list.tensors)
+    boxes, labels, regression = heads._label_all_small(proposals, targets_t)
+    logits, deltas = heads.small_predict(features, boxes, sizes)
+    cls, box = _per_roi_losses(logits, deltas, torch.cat(labels), torch.cat(regression))
+    keep, offset = [], 0
+    for lab in labels:
+        sel = ohem_select(
+            cls[offset : offset + lab.numel()].detach(),
+            box[offset : offset + lab.numel()].detach(),
+            lab,
+            16,
+            heads.ohem_positive_fraction,
+        )
+        keep.append(sel + offset)
+        offset += lab.numel()
+    keep = torch.cat(keep)
+    assert 16 < keep.numel() < cls.numel()  # both images fill their batch; most RoIs are left out
+    ref_cls, ref_box = cls[keep].sum() / keep.numel(), box[keep].sum() / keep.numel()
+    (ref_cls + ref_box).backward()
+    ref_grads = grads()
+
+    features = model.backbone(image_list.tensors)
+    losses = heads._training_losses(features, proposals, sizes, targets_t)
+    (losses["loss_classifier_small"] + losses["loss_box_reg_small"]).backward()
+    assert torch.allclose(losses["loss_classifier_small"], ref_cls, atol=1e-6)
+    assert torch.allclose(losses["loss_box_reg_small"], ref_box, atol=1e-6)
+    new_grads = grads()
+    assert any(g.abs().sum() > 0 for g in ref_grads)
+    for a, b in zip(new_grads, ref_grads, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_p2x_stride_is_known_for_small_inputs():
     from efpn.models import efpn_resnet18_fpn
 

@@ -241,26 +241,36 @@ class EFPNRoIHeads(RoIHeads):
             )
             return losses
 
-        logits, deltas = self.small_predict(features, ohem_boxes, image_shapes)
-        cls_loss, box_loss = _per_roi_losses(
-            logits, deltas, torch.cat(ohem_labels), torch.cat(ohem_targets)
-        )
-        keep, offset = [], 0
-        for lab in ohem_labels:
+        # OHEM's read-only pass (Shrivastava et al. 2016): rank every small RoI without
+        # autograd, then forward and backward only the selected ones. The loss and its
+        # gradient are those of one pass over all RoIs (the others get zero gradient),
+        # without a roi_align backward over thousands of RoIs on the stride-2 map.
+        with torch.no_grad():
+            logits, deltas = self.small_predict(features, ohem_boxes, image_shapes)
+            cls_loss, box_loss = _per_roi_losses(
+                logits, deltas, torch.cat(ohem_labels), torch.cat(ohem_targets)
+            )
+        keep_boxes, keep_labels, keep_targets, offset = [], [], [], 0
+        for boxes, lab, tgt in zip(ohem_boxes, ohem_labels, ohem_targets, strict=True):
             n = lab.numel()
             sel = ohem_select(
-                cls_loss[offset : offset + n].detach(),
-                box_loss[offset : offset + n].detach(),
+                cls_loss[offset : offset + n],
+                box_loss[offset : offset + n],
                 lab,
                 self.ohem_batch_size_per_image,
                 self.ohem_positive_fraction,
             )
-            keep.append(sel + offset)
+            keep_boxes.append(boxes[sel])
+            keep_labels.append(lab[sel])
+            keep_targets.append(tgt[sel])
             offset += n
-        keep = torch.cat(keep)
-        denom = max(keep.numel(), 1)
-        losses["loss_classifier_small"] = cls_loss[keep].sum() / denom
-        losses["loss_box_reg_small"] = box_loss[keep].sum() / denom
+        logits, deltas = self.small_predict(features, keep_boxes, image_shapes)
+        cls_loss, box_loss = _per_roi_losses(
+            logits, deltas, torch.cat(keep_labels), torch.cat(keep_targets)
+        )
+        denom = max(cls_loss.numel(), 1)
+        losses["loss_classifier_small"] = cls_loss.sum() / denom
+        losses["loss_box_reg_small"] = box_loss.sum() / denom
         return losses
 
     def _label_all_small(self, proposals, targets):
