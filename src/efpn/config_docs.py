@@ -261,7 +261,8 @@ SECTIONS: list[tuple[str, str, list[tuple[str, str, str]]]] = [
             [
                 "`ohem`",
                 "`true`",
-                "stage 3: train the P'2 head with online hard example mining over all small RoIs.",
+                "stage 3: train the P'2 head with online hard example mining: a no-grad pass "
+                "ranks every small RoI, and only the selected ones are back-propagated.",
             ],
             [
                 "`ohem_batch_size_per_image`",
