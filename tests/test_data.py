@@ -57,6 +57,12 @@ def test_synth_same_seed_same_bytes(tmp_path):
             hashlib.sha256((a / f).read_bytes()).digest()
             == hashlib.sha256((b / f).read_bytes()).digest()
         )
+    # a second writer on the same folder (two runs of one recipe) replaces each file
+    # whole and leaves no temporary file behind
+    before = {f: (a / f).read_bytes() for f in files}
+    generate(a, train=2, val=1, size=96, seed=5)
+    assert not [p for p in a.rglob("*") if p.name.endswith(".tmp")]
+    assert {f: (a / f).read_bytes() for f in files} == before
     generate(tmp_path / "c", train=2, val=1, size=96, seed=6)
     assert (tmp_path / "c" / "train.json").read_bytes() != (a / "train.json").read_bytes()
 

@@ -9,7 +9,9 @@ symbol, so resolution matters; a long-side distribution dominated by objects und
 
 from __future__ import annotations
 
+import io
 import json
+import os
 from functools import cache
 from pathlib import Path
 
@@ -233,6 +235,14 @@ def render_scene(
     )
 
 
+def _save_atomic(path: Path, data: bytes) -> None:
+    # A run started beside another one on the same recipe may read while this one
+    # writes: each file appears whole, under its final name, or not at all.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
 def generate(
     out: str | Path, train: int = 200, val: int = 50, size: int = 512, seed: int = 0
 ) -> dict[str, Path]:
@@ -249,7 +259,9 @@ def generate(
             rng = np.random.default_rng([seed, split_idx, i])
             image, boxes, labels = render_scene(rng, size)
             name = f"{split}/{i:06d}.png"
-            image.save(out / name, compress_level=1)
+            buf = io.BytesIO()
+            image.save(buf, format="PNG", compress_level=1)
+            _save_atomic(out / name, buf.getvalue())
             images.append({"id": i + 1, "file_name": name, "width": size, "height": size})
             for (x1, y1, x2, y2), lab in zip(boxes.tolist(), labels.tolist()):
                 annotations.append(
@@ -266,8 +278,7 @@ def generate(
             {"id": k + 1, "name": n, "supercategory": "sign"} for k, n in enumerate(SYNTH_CLASSES)
         ]
         path = out / f"{split}.json"
-        path.write_text(
-            json.dumps({"images": images, "annotations": annotations, "categories": categories})
-        )
+        text = json.dumps({"images": images, "annotations": annotations, "categories": categories})
+        _save_atomic(path, text.encode())
         paths[split] = path
     return paths
