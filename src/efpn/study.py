@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from .atomic import write_atomic
 from .config import (
     Config,
     OptimConfig,
@@ -484,9 +485,7 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    tmp.replace(path)
+    write_atomic(path, json.dumps(value, indent=1).encode())
 
 
 def epochs_after_stage1(cfg: Config, arm_list: list[Arm]) -> dict[str, int]:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from functools import cache
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from ..atomic import write_atomic
 
 __all__ = ["SYNTH_CLASSES", "generate", "render_scene"]
 
@@ -235,14 +236,6 @@ def render_scene(
     )
 
 
-def _save_atomic(path: Path, data: bytes) -> None:
-    # A run started beside another one on the same recipe may read while this one
-    # writes: each file appears whole, under its final name, or not at all.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def generate(
     out: str | Path, train: int = 200, val: int = 50, size: int = 512, seed: int = 0
 ) -> dict[str, Path]:
@@ -261,7 +254,7 @@ def generate(
             name = f"{split}/{i:06d}.png"
             buf = io.BytesIO()
             image.save(buf, format="PNG", compress_level=1)
-            _save_atomic(out / name, buf.getvalue())
+            write_atomic(out / name, buf.getvalue())
             images.append({"id": i + 1, "file_name": name, "width": size, "height": size})
             for (x1, y1, x2, y2), lab in zip(boxes.tolist(), labels.tolist()):
                 annotations.append(
@@ -279,6 +272,6 @@ def generate(
         ]
         path = out / f"{split}.json"
         text = json.dumps({"images": images, "annotations": annotations, "categories": categories})
-        _save_atomic(path, text.encode())
+        write_atomic(path, text.encode())
         paths[split] = path
     return paths

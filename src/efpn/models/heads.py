@@ -250,20 +250,22 @@ class EFPNRoIHeads(RoIHeads):
             cls_loss, box_loss = _per_roi_losses(
                 logits, deltas, torch.cat(ohem_labels), torch.cat(ohem_targets)
             )
-        keep_boxes, keep_labels, keep_targets, offset = [], [], [], 0
-        for boxes, lab, tgt in zip(ohem_boxes, ohem_labels, ohem_targets, strict=True):
-            n = lab.numel()
+        counts = [lab.numel() for lab in ohem_labels]
+        keep_boxes, keep_labels, keep_targets = [], [], []
+        for boxes, lab, tgt, cls, box in zip(
+            ohem_boxes,
+            ohem_labels,
+            ohem_targets,
+            cls_loss.split(counts),
+            box_loss.split(counts),
+            strict=True,
+        ):
             sel = ohem_select(
-                cls_loss[offset : offset + n],
-                box_loss[offset : offset + n],
-                lab,
-                self.ohem_batch_size_per_image,
-                self.ohem_positive_fraction,
+                cls, box, lab, self.ohem_batch_size_per_image, self.ohem_positive_fraction
             )
             keep_boxes.append(boxes[sel])
             keep_labels.append(lab[sel])
             keep_targets.append(tgt[sel])
-            offset += n
         logits, deltas = self.small_predict(features, keep_boxes, image_shapes)
         cls_loss, box_loss = _per_roi_losses(
             logits, deltas, torch.cat(keep_labels), torch.cat(keep_targets)
