@@ -45,6 +45,54 @@ def test_demo_comparison_summary(trained_run, capsys):
     assert (run / "fig8_comparison.png").exists() and (run / "summary.md").exists()
 
 
+def test_demo_compares_on_a_held_out_test_set(trained_run, tmp_path, capsys):
+    import yaml
+
+    run, _ = trained_run
+    # the tiny recipe's SynthSigns from another generator seed: 3 images nobody trained on
+    test = tmp_path / "test.yaml"
+    test.write_text(
+        yaml.safe_dump(
+            {
+                "name": "tiny_test",
+                "data": {
+                    "format": "synth",
+                    "synth_train": 0,
+                    "synth_val": 3,
+                    "synth_size": 96,
+                    "synth_seed": 5,
+                },
+            }
+        )
+    )
+    args = [
+        "demo",
+        "--config",
+        str(run.parent / "cfg.yaml"),
+        "--out",
+        str(run),
+        "--eval-only",
+        "--quiet",
+    ]
+    assert main([*args, "--test", str(test)]) == 0
+    printed = capsys.readouterr().out
+    assert "tiny test (3 images" in printed and "held out" in printed
+    assert "AP_S minus FPN (1x), points: EFPN " in printed
+    rows = json.loads((run / "summary_test.json").read_text())
+    assert set(rows) == {"fpn_1x", "fpn_2x", "efpn_1x", "efpn_fused_1x"}
+    # the test rows are the checkpoints evaluated on the test images, as `efpn val --data` gives
+    assert (
+        main(["val", "--weights", str(run / "stage3" / "best.pt"), "--data", str(test), "--json"])
+        == 0
+    )
+    direct = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rows["efpn_1x"]["AP"] == pytest.approx(direct["AP"], abs=1e-9)
+    # a "test set" holding the recipe's own val images is refused in one line
+    assert main([*args, "--test", str(run.parent / "cfg.yaml")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "must be held out" in err[0]
+
+
 def test_val_matches_the_runs_evaluation(trained_run, capsys):
     run, _ = trained_run
     assert main(["val", "--weights", str(run / "stage3" / "best.pt"), "--json"]) == 0

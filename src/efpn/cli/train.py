@@ -338,20 +338,32 @@ def _add_demo(sub) -> None:
     p.add_argument(
         "--eval-only", action="store_true", help="compare the checkpoints already in --out"
     )
+    p.add_argument(
+        "--test",
+        default=None,
+        metavar="RECIPE",
+        help="a recipe whose val split is a held-out test set to compare on as well "
+        "(default with the packaged demo recipe: its 128-image configs/demo_test.yaml)",
+    )
+    p.add_argument("--no-test", action="store_true", help="compare on val only")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
     p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args) -> int:
-    from ..demo import run_demo
+    from ..demo import default_test, run_demo
 
+    test = args.test
+    if test is None and args.config is None:
+        test = default_test()
     run_demo(
         args.config,
         args.out,
         quiet=args.quiet,
         eval_only=args.eval_only,
         overrides=parse_overrides(args.overrides),
+        test=None if args.no_test else test,
     )
     return 0
 
