@@ -130,7 +130,8 @@ def run_demo(
             "fpn_2x": evaluate_model(fpn, test_data, scale=2.0, **kw),
             **_efpn_rows(efpn, fused, test_data, kw),
         }
-        source = f"test set {test}, held out: nothing trained or selected on it"
+        name = Path(test).name if Path(test) == default_test() else test
+        source = f"test set {name}, held out: nothing trained or selected on it"
         tables.append(
             (_title(cfg, test_data, "test", source), _write_summary(test_runs, out, "summary_test"))
         )
@@ -171,7 +172,8 @@ def run_demo(
         print(format_table(rows))
         print(_gain_line(rows))
     print(
-        f"\nrun folder: {out} (summary.json, eval.json, plots); total {time.perf_counter() - start:.0f} s"
+        f"\nrun folder: {out} (summary.json{', summary_test.json' if test_data is not None else ''}, "
+        f"eval.json, plots); total {time.perf_counter() - start:.0f} s"
     )
     return summary
 
