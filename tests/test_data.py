@@ -293,6 +293,36 @@ def test_transforms_keep_boxes_valid(synth):
         assert (b[:, 2] <= image.shape[-1]).all() and (b[:, 3] <= image.shape[-2]).all()
 
 
+def test_hue_jitter_defaults_to_a_quarter_of_color_jitter_and_can_be_turned_off():
+    from torchvision.transforms import v2
+
+    def jitter(**kw):
+        ops = [
+            op
+            for op in build_transforms(AugmentConfig(**kw)).transforms
+            if isinstance(op, v2.ColorJitter)
+        ]
+        return ops[0] if ops else None
+
+    assert jitter(color_jitter=0.2).hue == pytest.approx(
+        (-0.05, 0.05)
+    )  # recipes keep their augmentation
+    off = jitter(color_jitter=0.2, hue_jitter=0.0)
+    assert off.hue is None and off.brightness == pytest.approx((0.8, 1.2))
+    only = jitter(hue_jitter=0.1)
+    assert only.hue == pytest.approx((-0.1, 0.1)) and only.brightness is None
+    assert jitter() is None
+
+
+def test_hue_jitter_out_of_range_is_one_line(tmp_path):
+    from efpn.config import load_config
+
+    path = tmp_path / "r.yaml"
+    path.write_text("data: {hue_jitter: 0.7}\n")
+    with pytest.raises(ValueError, match=r"data.hue_jitter.*0, 0.5"):
+        load_config(path)
+
+
 def test_balanced_crops_reach_target_per_class(synth):
     data = read_coco(synth / "train.json")
     base = DetectionDataset(data, build_transforms(train=False))

@@ -55,6 +55,8 @@ class DataConfig:
     # augmentation
     hflip: float = 0.0
     color_jitter: float = 0.0
+    # hue shift strength; None: color_jitter / 4 (the hue part costs most of the jitter)
+    hue_jitter: float | None = None
     # shorter sides drawn per training batch (multi-scale training; model.min_size at test)
     scale_jitter: list[int] = field(default_factory=list)
     crop: float = 0.0
@@ -241,6 +243,8 @@ _RULES = [
     ("model.norm_layer", lambda v: v in ("frozen", "batchnorm"), "must be frozen or batchnorm"),
     ("data.scale_jitter", lambda v: all(s >= 1 for s in v), "sizes must be 1 or more"),
     ("data.val_fraction", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("data.color_jitter", lambda v: v >= 0, "must be 0 or more"),
+    ("data.hue_jitter", lambda v: v is None or 0 <= v <= 0.5, "must be in [0, 0.5] (or null)"),
     (
         "data.format",
         lambda v: v in ("synth", "coco", "yolo", "voc", "tt100k", "dota", "visdrone"),

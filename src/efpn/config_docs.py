@@ -113,7 +113,16 @@ SECTIONS: list[tuple[str, str, list[tuple[str, str, str]]]] = [
                 "SynthSigns generator seed (the data; `seed` is the training's).",
             ],
             ["`hflip`", "`0.0`", "horizontal flip probability (0 for signs whose meaning flips)."],
-            ["`color_jitter`", "`0.0`", "brightness/contrast/saturation strength."],
+            [
+                "`color_jitter`",
+                "`0.0`",
+                "brightness/contrast/saturation strength; also shifts hue by up to a quarter of it unless `hue_jitter` says otherwise.",
+            ],
+            [
+                "`hue_jitter`",
+                "`null`",
+                "hue shift strength (0..0.5; null: `color_jitter / 4`). The hue shift is most of the jitter's cost (an RGB-HSV round trip per pixel on the full-size image): 0 makes data loading several times cheaper, which matters on CPU with large images.",
+            ],
             [
                 "`scale_jitter`",
                 "`[]`",

@@ -26,6 +26,8 @@ class AugmentConfig:
             leaves resizing to the detector's own transform.
         hflip: horizontal flip probability (0: off, the default for signs).
         color_jitter: brightness/contrast/saturation strength (0: off).
+        hue_jitter: hue shift strength (None: ``color_jitter / 4``; 0: no hue shift,
+            which skips the costly RGB-HSV round trip).
         crop: probability of a random IoU crop (boxes kept valid by SanitizeBoundingBoxes).
     """
 
@@ -33,6 +35,7 @@ class AugmentConfig:
     max_size: int = 0
     hflip: float = 0.0
     color_jitter: float = 0.0
+    hue_jitter: float | None = None
     crop: float = 0.0
 
 
@@ -47,9 +50,10 @@ def build_transforms(cfg: AugmentConfig | None = None, train: bool = True) -> v2
         ops.append(v2.Resize(cfg.min_size, max_size=cfg.max_size or None, antialias=True))
     if train and cfg.hflip > 0:
         ops.append(v2.RandomHorizontalFlip(cfg.hflip))
-    if train and cfg.color_jitter > 0:
+    hue = min(cfg.color_jitter / 4, 0.5) if cfg.hue_jitter is None else cfg.hue_jitter
+    if train and (cfg.color_jitter > 0 or hue > 0):
         s = cfg.color_jitter
-        ops.append(v2.ColorJitter(brightness=s, contrast=s, saturation=s, hue=min(s / 4, 0.5)))
+        ops.append(v2.ColorJitter(brightness=s, contrast=s, saturation=s, hue=hue))
     ops += [
         v2.ToDtype(torch.float32, scale=True),
         v2.ClampBoundingBoxes(),

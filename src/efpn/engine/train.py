@@ -385,6 +385,7 @@ class Trainer:
         aug = AugmentConfig(
             hflip=d.hflip,
             color_jitter=d.color_jitter,
+            hue_jitter=d.hue_jitter,
             crop=d.crop,
         )
         ds = DetectionDataset(self.train_data, build_transforms(aug, train=True))
