@@ -12,19 +12,22 @@ from efpn.cli import main
 from efpn.engine.train import model_from_checkpoint
 
 
+def _demo_eval_args(run):
+    """``efpn demo`` repeating the comparison on the trained tiny run."""
+    return [
+        "demo",
+        "--config",
+        str(run.parent / "cfg.yaml"),
+        "--out",
+        str(run),
+        "--eval-only",
+        "--quiet",
+    ]
+
+
 def test_demo_comparison_summary(trained_run, capsys):
     run, _ = trained_run
-    code = main(
-        [
-            "demo",
-            "--config",
-            str(run.parent / "cfg.yaml"),
-            "--out",
-            str(run),
-            "--eval-only",
-            "--quiet",
-        ]
-    )
+    code = main(_demo_eval_args(run))
     assert code == 0
     printed = capsys.readouterr().out
     assert "| EFPN (1x) " in printed and "| EFPN (1x, model.merge=fused)" in printed
@@ -65,15 +68,7 @@ def test_demo_compares_on_a_held_out_test_set(trained_run, tmp_path, capsys):
             }
         )
     )
-    args = [
-        "demo",
-        "--config",
-        str(run.parent / "cfg.yaml"),
-        "--out",
-        str(run),
-        "--eval-only",
-        "--quiet",
-    ]
+    args = _demo_eval_args(run)
     assert main([*args, "--test", str(test)]) == 0
     printed = capsys.readouterr().out
     assert "tiny test (3 images" in printed and "held out" in printed
