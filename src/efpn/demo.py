@@ -82,7 +82,7 @@ def run_demo(
         for stage in (1, 3):
             if not (out / f"stage{stage}" / "best.pt").exists():
                 raise FileNotFoundError(f"{out / f'stage{stage}' / 'best.pt'}: train first")
-        _, val = load_data(cfg, out.parent if cfg.data.format == "synth" else None)
+        train, val = load_data(cfg, out.parent if cfg.data.format == "synth" else None)
     else:
         print(
             f"[1/3] {cfg.data.format} data + training ({cfg.model.backbone}, stages 1-3) into {out}",
@@ -90,11 +90,11 @@ def run_demo(
         )
         trainer = Trainer(cfg, out, quiet=quiet)
         trainer.run([1, 2, 3])
-        val = trainer.val_data
+        train, val = trainer.train_data, trainer.val_data
         premise = trainer.premise
     test_data = None
     if test is not None:
-        test_data = _load_test(test, cfg, out)
+        test_data = _load_test(test, train, val, out)
     print(
         "[2/3] evaluating FPN 1x, FPN 2x and EFPN 1x on the validation split"
         + (" and the test set" if test_data is not None else ""),
@@ -137,12 +137,12 @@ def run_demo(
         )
         shown, shown_runs = test_data, test_runs
     print("[3/3] plots and a Fig. 8-style comparison", flush=True)
-    runs = shown_runs
     plot_size_ap(
-        {label: runs[k] for k, label in ROWS if k in runs}, out / "ap_by_size_comparison.png"
+        {label: shown_runs[k] for k, label in ROWS if k in shown_runs},
+        out / "ap_by_size_comparison.png",
     )
     plot_accuracy_recall(
-        {label: runs[k]["curves"] for k, label in ROWS if k in runs},
+        {label: shown_runs[k]["curves"] for k, label in ROWS if k in shown_runs},
         out / "accuracy_recall_comparison.png",
     )
     record = max(
@@ -155,8 +155,8 @@ def run_demo(
     gt = {"boxes": torch.as_tensor(record.boxes), "labels": torch.as_tensor(record.labels) + 1}
     # Each model at the threshold of its best F1_S, the operating point the table reports.
     thresholds = {
-        "FPN": runs["fpn_1x"]["f1_small_threshold"],
-        "EFPN": runs["efpn_1x"]["f1_small_threshold"],
+        "FPN": shown_runs["fpn_1x"]["f1_small_threshold"],
+        "EFPN": shown_runs["efpn_1x"]["f1_small_threshold"],
     }
     draw_comparison(
         image,
@@ -210,11 +210,11 @@ def _gain_line(summary: dict) -> str:
     return "AP_S minus FPN (1x), points: " + ", ".join(parts) if parts else ""
 
 
-def _load_test(test: str | Path, cfg, out: Path):
-    """The val split of the recipe ``test``, refused unless it is held out."""
+def _load_test(test: str | Path, train, val, out: Path):
+    """The val split of the recipe ``test``, refused unless it is held out from the
+    recipe's ``train`` and ``val``."""
     from .study import load_test, shared_images
 
-    train, val = load_data(cfg, out.parent if cfg.data.format == "synth" else None)
     data = load_test(test, train, out.parent)
     data.eval_classes = val.eval_classes
     shared = shared_images(data, train) + shared_images(data, val)
