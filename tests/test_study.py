@@ -374,6 +374,15 @@ def test_fpn_longer_trains_the_runs_fpn_on_with_efpns_budget(study_run, monkeypa
     x2 = parse_arms([["fpn_longer_x2"]], cfg)[0]
     assert x2.baseline and x2.overrides["stage1.optim.epochs"] == 2 * epochs
     assert x2.overrides["stage1.optim.lr"] == cfg.stage3.optim.lr
+    # multi-scale: the same budget, but the recipe's scale jitter is kept, so the FPN
+    # stays a teacher at 2S; its EFPN arms start from it
+    ms = parse_arms([["fpn_longer_ms"]], cfg)[0]
+    longer = parse_arms([["fpn_longer"]], cfg)[0]
+    assert ms.baseline and longer.overrides["data.scale_jitter"] == []
+    assert "data.scale_jitter" not in ms.overrides
+    assert {k: v for k, v in longer.overrides.items() if k != "data.scale_jitter"} == ms.overrides
+    arms = parse_arms([["fpn_longer_ms"], ["fused_longer_ms"]], cfg)
+    assert arms[1].start == "fpn_longer_ms" and arms[1].overrides == {"model.merge": "fused"}
 
 
 def test_efpn_longer_adds_the_extension_to_fpn_longers_fpn(study_run, monkeypatch):

@@ -108,29 +108,42 @@ PRESETS: dict[str, Any] = {
 }
 
 
-def _fpn_longer(cfg: Config, factor: int = 1) -> dict[str, Any]:
+def _fpn_longer(cfg: Config, factor: int = 1, multiscale: bool = False) -> dict[str, Any]:
     # stage 1 again from its best checkpoint, with stage 3's optimiser for ``factor``
     # times as many epochs as stages 2 and 3 take together, at the test scale as they
-    # train: FPN with EFPN's training budget (x2: with efpn_longer's)
+    # train: FPN with EFPN's training budget (x2: with efpn_longer's). ``multiscale``
+    # keeps stage 1's scale jitter: trained on at S only, the FPN loses its 2x view and
+    # with it its use as stage 2's teacher.
     optim = {
         f"stage1.optim.{f.name}": getattr(cfg.stage3.optim, f.name) for f in fields(OptimConfig)
     }
     optim["stage1.optim.epochs"] = factor * (cfg.stage2.optim.epochs + cfg.stage3.optim.epochs)
-    return {**optim, "data.scale_jitter": []}
+    return optim if multiscale else {**optim, "data.scale_jitter": []}
 
 
 def _fpn_longer_x2(cfg: Config) -> dict[str, Any]:
     return _fpn_longer(cfg, factor=2)
 
 
+def _fpn_longer_ms(cfg: Config) -> dict[str, Any]:
+    return _fpn_longer(cfg, multiscale=True)
+
+
 #: arms that train the FPN baseline on (stage 1 from the stage-1 checkpoint) instead of
 #: stages 2-3: controls for EFPN's extra training (``fpn_longer_x2``: for as many epochs
-#: as ``efpn_longer`` trains after stage 1)
-BASELINE_PRESETS: dict[str, Any] = {"fpn_longer": _fpn_longer, "fpn_longer_x2": _fpn_longer_x2}
+#: as ``efpn_longer`` trains after stage 1; ``fpn_longer_ms``: over the recipe's scale
+#: jitter, so that it stays a teacher at 2S)
+BASELINE_PRESETS: dict[str, Any] = {
+    "fpn_longer": _fpn_longer,
+    "fpn_longer_x2": _fpn_longer_x2,
+    "fpn_longer_ms": _fpn_longer_ms,
+}
 #: arms that train stages 2-3 from a baseline arm's FPN: (that arm, the preset applied)
 START_PRESETS: dict[str, tuple[str, str]] = {
     "efpn_longer": ("fpn_longer", "efpn"),
     "fused_longer": ("fpn_longer", "fused"),
+    "efpn_longer_ms": ("fpn_longer_ms", "efpn"),
+    "fused_longer_ms": ("fpn_longer_ms", "fused"),
 }
 #: the pseudo-key of ``--arm NAME start=ARM key=value ...``
 START_KEY = "start"

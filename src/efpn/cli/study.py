@@ -14,9 +14,11 @@ def _add_study(sub) -> None:
             "ftt (Table II), lambda0, no_ftt_loss (Table IV), cheap_widths, and the inference-only "
             "duplicate, gated, fused (how small RoIs are merged), and fpn_longer (the FPN "
             "trained on from its checkpoint for as many epochs as stages 2-3: a control for "
-            "EFPN's extra training; fpn_longer_x2: twice as many), and efpn_longer, fused_longer (EFPN trained on fpn_longer's "
-            "FPN: paired with fpn_longer, what the extension adds to the same FPN; a custom "
-            "arm takes start=fpn_longer); groups table2, table4, cheap, merge."
+            "EFPN's extra training, at S only; fpn_longer_x2: twice as many; fpn_longer_ms: over "
+            "the recipe's scale jitter, so it stays a teacher at 2S), and efpn_longer, "
+            "fused_longer (EFPN trained on fpn_longer's FPN: paired with fpn_longer, what the "
+            "extension adds to the same FPN; efpn_longer_ms, fused_longer_ms: on fpn_longer_ms's; "
+            "a custom arm takes start=fpn_longer); groups table2, table4, cheap, merge."
         ),
     )
     p.add_argument("--config", required=True, help="YAML recipe")
