@@ -148,8 +148,9 @@ def run_demo(
     record = max(
         shown.images, key=lambda r: int(((r.boxes[:, 2:] - r.boxes[:, :2]).max(1) < 32).sum())
     )
-    image = Image.fromarray(load_rgb(shown.image_path(record)))
-    tensor = torch.from_numpy(load_rgb(shown.image_path(record))).permute(2, 0, 1).float() / 255
+    rgb = load_rgb(shown.image_path(record))
+    image = Image.fromarray(rgb)
+    tensor = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255
     with torch.no_grad():
         preds = {"FPN": fpn([tensor])[0], "EFPN": efpn([tensor])[0]}
     gt = {"boxes": torch.as_tensor(record.boxes), "labels": torch.as_tensor(record.labels) + 1}
