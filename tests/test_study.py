@@ -332,6 +332,7 @@ def _record_stages(monkeypatch) -> list:
 
 
 def test_fpn_longer_trains_the_runs_fpn_on_with_efpns_budget(study_run, monkeypatch):
+    from efpn import study as study_mod
     from efpn.cli import main
     from efpn.config import load_config
     from efpn.engine.evaluate import evaluate_model
@@ -340,6 +341,14 @@ def test_fpn_longer_trains_the_runs_fpn_on_with_efpns_budget(study_run, monkeypa
     root, args = study_run
     out = root / "s"
     calls = _record_stages(monkeypatch)
+    evaluated = []
+    evaluate = study_mod._evaluate
+
+    def spy(checkpoint, data, cfg, **kw):
+        evaluated.append((Path(checkpoint), kw.get("scale", 1.0)))
+        return evaluate(checkpoint, data, cfg, **kw)
+
+    monkeypatch.setattr(study_mod, "_evaluate", spy)
     assert main([*args, "--arm", "efpn", "--arm", "fpn_longer"]) == 0
     # only the new arm trains, stage 1 only, from its run's FPN
     assert calls == [
@@ -368,6 +377,19 @@ def test_fpn_longer_trains_the_runs_fpn_on_with_efpns_budget(study_run, monkeypa
     assert summary["paired_efpn"]["fpn_longer"]["AP"]["values"][1] == pytest.approx(
         ref["AP"] - summary["rows"]["efpn"]["AP"]["values"][1]
     )
+    # the baseline FPN also at 2x input: is it still a teacher for arms that start from it
+    # (the tiny models' metrics are all 0 here, so the call itself is checked)
+    at_2x = [c for c in evaluated if c[1] == 2]
+    assert at_2x == [
+        (out / run / "fpn_longer" / "stage1" / "best.pt", 2) for run in ("seed0", "seed1")
+    ]
+    row = json.loads((out / "seed1" / "fpn_longer" / "metrics_2x.json").read_text())
+    assert summary["rows_2x"]["fpn_longer"]["AR_small"]["values"][1] == row["AR_small"]
+    assert summary["premise_baselines"]["fpn_longer"]["AP"]["values"][1] == pytest.approx(
+        row["AP"] - ref["AP"]
+    )
+    assert "| fpn_longer@2x |" in (out / "summary.md").read_text()
+    assert set(summary["rows"]) == {"fpn_1x", "fpn_2x", "efpn", "fpn_longer"}
     with pytest.raises(ValueError, match="takes no key=value"):
         parse_arms([["fpn_longer", "stage1.optim.lr=0.1"]], cfg)
     # twice the budget: as many epochs after stage 1 as efpn_longer trains

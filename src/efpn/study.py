@@ -19,6 +19,7 @@ Layout of ``out``::
         stage1/, premise.json                    FPN, and its rows fpn_1x and fpn_2x
         <arm>/stage2/, <arm>/stage3/, <arm>/metrics.json
         fpn_longer/stage1/, fpn_longer/metrics.json   the baseline with EFPN's budget
+        fpn_longer/metrics_2x.json                   its FPN at 2x input (a teacher?)
         efpn_longer/stage2/, .../stage3/             stages 2-3 from fpn_longer's FPN
         test.json           with ``--test``: every row on the held-out test set
 
@@ -79,6 +80,9 @@ SHORT = {
     "seconds_per_image": "s/img",
 }
 RESERVED = ("fpn_1x", "fpn_2x")
+#: the suffix of a baseline arm's row at 2x input (``fpn_longer@2x``): whether that FPN is
+#: still a teacher for the arms that start from it
+AT_2X = "@2x"
 
 
 def _cheap_widths(cfg: Config) -> dict[str, Any]:
@@ -372,6 +376,20 @@ def summarize(
         summary["starts"] = dict(starts)
         summary["paired_start"] = {a: against(base, [a])[a] for a, base in starts.items()}
     starts = starts or {}
+    at_2x = [b for b in baselines or [] if all(b + AT_2X in results[r] for r in runs)]
+    if at_2x:
+        # each baseline FPN at 2x input, and its own premise (2x minus 1x)
+        summary["rows_2x"] = {
+            b: {m: row_stats([results[r][b + AT_2X][m] for r in runs]) for m in METRICS}
+            for b in at_2x
+        }
+        summary["premise_baselines"] = {
+            b: {
+                m: paired_stats(summary["rows_2x"][b][m]["values"], rows[b][m]["values"])
+                for m in METRICS
+            }
+            for b in at_2x
+        }
     if baselines:
         others = [a for a in arms if a not in baselines]
         summary["paired_baselines"] = {
@@ -412,6 +430,17 @@ def format_summary(summary: dict) -> str:
         ("efpn", summary.get("paired_efpn")),
         (start_label, summary.get("paired_start")),
     ]
+    if summary.get("rows_2x"):
+        lines += ["", "Baseline arms at 2x input (a teacher for the arms that start from them)", ""]
+        lines += [head, sep]
+        for b, stats in summary["rows_2x"].items():
+            cells = [
+                "n/a" if s["mean"] is None else f"{s['mean']:.3f} ± {s['std']:.3f}"
+                for s in (stats[m] for m in METRICS)
+            ]
+            lines.append(f"| {b}{AT_2X} | " + " | ".join(cells) + " |")
+        premise = {b + AT_2X: p for b, p in summary["premise_baselines"].items()}
+        sections.append(("the same arm at 1x (each baseline arm's premise)", premise))
     for b, pairs in summary.get("paired_baselines", {}).items():
         same = [a for a in pairs if a in epochs and epochs[a] == epochs.get(b)]
         label = f"{b}, the FPN trained on for {epochs.get(b, '?')} epoch(s) after stage 1"
@@ -619,6 +648,8 @@ def _test_rows(rdir: Path, cfg: Config, arm_list, test_data, source: str, quiet:
         acfg = apply_overrides(cfg, arm.overrides, f"--arm {arm.name}")
         best = rdir / trained / f"stage{arm.stage}" / "best.pt"
         jobs.append((arm.name, best, 1, acfg, model_inference_kwargs(arm.overrides)))
+        if arm.baseline:
+            jobs.append((arm.name + AT_2X, best, 2, acfg, {}))
     for row, best, scale, rcfg, inference in jobs:
         if row in rows:
             continue
@@ -626,6 +657,17 @@ def _test_rows(rdir: Path, cfg: Config, arm_list, test_data, source: str, quiet:
         rows[row] = _evaluate(best, test_data, rcfg, quiet=quiet, scale=scale, **inference)
         _write_json(path, record)
     return rows
+
+
+def _baseline_2x(adir: Path, cfg: Config, val, label: str, quiet: bool) -> dict:
+    """A baseline arm's FPN on val at 2x input (``adir/metrics_2x.json``, kept)."""
+    path = adir / "metrics_2x.json"
+    metrics = _read_json(path)
+    if metrics is None:
+        _say(f"{label}: its FPN at 2x input")
+        metrics = _evaluate(adir / "stage1" / "best.pt", val, cfg, quiet=quiet, scale=2)
+        _write_json(path, metrics)
+    return metrics
 
 
 def run_study(
@@ -782,6 +824,10 @@ def run_study(
             if "checkpoint_of" not in metrics and key not in trained:
                 trained[key] = (arm.name, adir / f"stage{arm.stage}" / "best.pt")
             results[name][arm.name] = metrics
+            if arm.baseline:
+                results[name][arm.name + AT_2X] = _baseline_2x(
+                    adir, acfg, data[1], f"[{done}/{total}] {name}/{arm.name}", trainer_quiet
+                )
         if test_data is not None:
             test_results[name] = _test_rows(
                 rdir, cfg, arm_list, test_data, settings["test"], trainer_quiet
