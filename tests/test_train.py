@@ -85,8 +85,16 @@ def test_checkpoint_loading_refuses_pickled_code(tmp_path):
 
     path = tmp_path / "evil.pt"
     torch.save({"model": {}, "payload": Evil()}, path)
-    with pytest.raises(ValueError, match="not a safe"):
+    with pytest.raises(ValueError, match="not a safe") as err:
         load_checkpoint(path)
+    # one line with the reason, and never torch's advice to load with weights_only=False
+    message = str(err.value)
+    assert "\n" not in message and "weights_only=False" not in message
+    assert "weights_only` set to `False" not in message and "print" in message
+    (tmp_path / "junk.pt").write_text("garbage")
+    with pytest.raises(ValueError, match="junk.pt: not a safe") as err:
+        load_checkpoint(tmp_path / "junk.pt")
+    assert "\n" not in str(err.value) and "False" not in str(err.value)
     ok = save_checkpoint({"a": torch.ones(2)}, tmp_path / "ok.pt")
     assert torch.equal(load_checkpoint(ok)["a"], torch.ones(2))
     assert not list(tmp_path.glob(".ok.pt.*"))  # the temporary file was renamed away

@@ -44,9 +44,20 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise ValueError(
-            f"{path}: not a safe efpn/torch checkpoint ({type(e).__name__}: {(str(e).splitlines() or ['empty or truncated file'])[0]})"
-        ) from None
+        raise ValueError(f"{path}: not a safe efpn/torch checkpoint ({_load_error(e)})") from None
+
+
+def _load_error(e: Exception) -> str:
+    # torch's weights-only refusal opens with advice to load with weights_only=False,
+    # which efpn never does: keep only the reason
+    text = str(e)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        reason = " ".join(text.split(marker, 1)[1].split())
+        reason = reason.split(" was not an allowed global")[0].split(" Check the documentation")[0]
+        return f"torch.load(weights_only=True) refused it: {reason}; efpn loads tensors and plain containers only"
+    first = (text.splitlines() or ["empty or truncated file"])[0]
+    return f"{type(e).__name__}: {first}"
 
 
 def capture_rng() -> dict:
