@@ -520,3 +520,29 @@ def test_eval_classes_key_sets_and_checks_the_evaluated_classes(tiny_cfg, tmp_pa
     assert len(str(err.value).splitlines()) == 1 and "train.json" in str(err.value)
     with pytest.raises(DataError, match="names no class"):
         load_data(tiny_cfg(**{"data.eval_classes": " , "}), tmp_path)
+
+
+def test_paired_plot_adds_a_row_for_arms_paired_with_their_start_fpn(tmp_path):
+    from efpn.study import METRICS, summarize
+    from efpn.viz import plot_paired
+
+    def row(base):
+        return {m: base + 0.01 * i for i, m in enumerate(METRICS)}
+
+    results = {
+        f"seed{k}": {
+            "fpn_1x": row(0.30 + k / 100),
+            "fpn_2x": row(0.50),
+            "fpn_longer_ms": row(0.40 + k / 50),
+            "efpn_longer_ms": row(0.45 + k / 40),
+        }
+        for k in range(3)
+    }
+    runs = list(results)
+    plain = summarize(results, runs, ["fpn_longer_ms"])
+    started = summarize(
+        results, runs, ["fpn_longer_ms", "efpn_longer_ms"], {"efpn_longer_ms": "fpn_longer_ms"}
+    )
+    a = Image.open(plot_paired(plain, tmp_path / "a.png"))
+    b = Image.open(plot_paired(started, tmp_path / "b.png"))
+    assert a.width == b.width and b.height > 1.8 * a.height

@@ -209,34 +209,18 @@ def plot_paired(
     summary: dict, path: str | Path, metrics=("AP_small", "AR_small", "f1_small", "AP")
 ) -> Path:
     """Per-run paired differences to FPN 1x (dots) with the mean and its 95% interval,
-    one panel per metric and one column of dots per arm (``efpn study``)."""
-    arms = list(summary["paired"])
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.4), squeeze=False)
-    for ax, m in zip(axes[0], metrics):
-        for i, arm in enumerate(arms):
-            s = summary["paired"][arm][m]
-            if s["values"] is None:
-                continue
-            vals = 100 * np.asarray(s["values"])
-            jitter = np.linspace(-0.12, 0.12, len(vals)) if len(vals) > 1 else np.zeros(1)
-            ax.scatter(i + jitter, vals, s=18, color="tab:blue", alpha=0.8, zorder=3)
-            if s["ci95"]:
-                lo, hi = 100 * np.asarray(s["ci95"])
-                ax.errorbar(
-                    i + 0.3,
-                    100 * s["mean"],
-                    yerr=[[100 * s["mean"] - lo], [hi - 100 * s["mean"]]],
-                    fmt="s",
-                    color="black",
-                    capsize=4,
-                    zorder=4,
-                )
-            else:
-                ax.scatter(i + 0.3, 100 * s["mean"], marker="s", color="black", zorder=4)
-        ax.axhline(0, color="gray", lw=1)
-        ax.set_xticks(range(len(arms)), arms, rotation=30, ha="right", fontsize=8)
-        ax.set_title(f"{m} - FPN 1x (points)", fontsize=9)
-        ax.grid(axis="y", alpha=0.3)
+    one panel per metric and one column of dots per arm (``efpn study``); with arms that
+    start from a baseline arm's FPN, a second row pairs them with that FPN."""
+    rows = [("FPN 1x", summary["paired"])]
+    if summary.get("paired_start"):
+        rows.append(("its start FPN", summary["paired_start"]))
+    fig, axes = plt.subplots(
+        len(rows), len(metrics), figsize=(3.2 * len(metrics), 3.4 * len(rows)), squeeze=False
+    )
+    for (base, pairs), row in zip(rows, axes):
+        for ax, m in zip(row, metrics):
+            _paired_panel(ax, pairs, m)
+            ax.set_title(f"{m} - {base} (points)", fontsize=9)
     fig.suptitle(
         f"paired differences over {len(summary['runs'])} run(s); square: mean, 95% t-interval",
         fontsize=9,
@@ -245,3 +229,30 @@ def plot_paired(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def _paired_panel(ax, pairs: dict, metric: str) -> None:
+    arms = list(pairs)
+    for i, arm in enumerate(arms):
+        s = pairs[arm][metric]
+        if s["values"] is None:
+            continue
+        vals = 100 * np.asarray(s["values"])
+        jitter = np.linspace(-0.12, 0.12, len(vals)) if len(vals) > 1 else np.zeros(1)
+        ax.scatter(i + jitter, vals, s=18, color="tab:blue", alpha=0.8, zorder=3)
+        if s["ci95"]:
+            lo, hi = 100 * np.asarray(s["ci95"])
+            ax.errorbar(
+                i + 0.3,
+                100 * s["mean"],
+                yerr=[[100 * s["mean"] - lo], [hi - 100 * s["mean"]]],
+                fmt="s",
+                color="black",
+                capsize=4,
+                zorder=4,
+            )
+        else:
+            ax.scatter(i + 0.3, 100 * s["mean"], marker="s", color="black", zorder=4)
+    ax.axhline(0, color="gray", lw=1)
+    ax.set_xticks(range(len(arms)), arms, rotation=30, ha="right", fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
