@@ -389,6 +389,20 @@ def test_fpn_longer_trains_the_runs_fpn_on_with_efpns_budget(study_run, monkeypa
         row["AP"] - ref["AP"]
     )
     assert "| fpn_longer@2x |" in (out / "summary.md").read_text()
+    # and on a --test set (resumed: nothing trains again)
+    from conftest import write_tiny_config
+
+    (root / "t2").mkdir()
+    test_cfg = write_tiny_config(
+        root / "t2", **{"data.synth_seed": 6, "data.synth_train": 0, "data.synth_val": 2}
+    )
+    evaluated.clear()
+    assert main([*args, "--arm", "efpn", "--arm", "fpn_longer", "--test", str(test_cfg)]) == 0
+    assert [c for c in evaluated if c[1] == 2 and "fpn_longer" in c[0].parts] == at_2x
+    test = json.loads((out / "summary.json").read_text())["test"]
+    record = json.loads((out / "seed1" / "test.json").read_text())["rows"]
+    assert test["rows_2x"]["fpn_longer"]["AP"]["values"][1] == record["fpn_longer@2x"]["AP"]
+    assert "premise_baselines" in test
     assert set(summary["rows"]) == {"fpn_1x", "fpn_2x", "efpn", "fpn_longer"}
     with pytest.raises(ValueError, match="takes no key=value"):
         parse_arms([["fpn_longer", "stage1.optim.lr=0.1"]], cfg)
