@@ -406,18 +406,22 @@ def _fmt(v, digits=3, signed=False):
     return f"{v:+.{digits}f}" if signed else f"{v:.{digits}f}"
 
 
+def _row_line(row: str, stats: dict) -> str:
+    """One table line of a row's mean ± std per metric."""
+    cells = [
+        "n/a" if s["mean"] is None else f"{s['mean']:.3f} ± {s['std']:.3f}"
+        for s in (stats[m] for m in METRICS)
+    ]
+    return f"| {row} | " + " | ".join(cells) + " |"
+
+
 def format_summary(summary: dict) -> str:
     """Markdown tables: rows (mean ± std), paired differences with 95% intervals and
     the per-run values."""
     head = "| row | " + " | ".join(SHORT[m] for m in METRICS) + " |"
     sep = "|" + "---|" * (len(METRICS) + 1)
     lines = [f"runs: {len(summary['runs'])} ({', '.join(summary['runs'])})", "", head, sep]
-    for row, stats in summary["rows"].items():
-        cells = [
-            "n/a" if s["mean"] is None else f"{s['mean']:.3f} ± {s['std']:.3f}"
-            for s in (stats[m] for m in METRICS)
-        ]
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    lines += [_row_line(row, stats) for row, stats in summary["rows"].items()]
     start_label = (
         "the FPN each arm starts from ("
         + ", ".join(f"{a}: {b}" for a, b in summary.get("starts", {}).items())
@@ -433,12 +437,7 @@ def format_summary(summary: dict) -> str:
     if summary.get("rows_2x"):
         lines += ["", "Baseline arms at 2x input (a teacher for the arms that start from them)", ""]
         lines += [head, sep]
-        for b, stats in summary["rows_2x"].items():
-            cells = [
-                "n/a" if s["mean"] is None else f"{s['mean']:.3f} ± {s['std']:.3f}"
-                for s in (stats[m] for m in METRICS)
-            ]
-            lines.append(f"| {b}{AT_2X} | " + " | ".join(cells) + " |")
+        lines += [_row_line(b + AT_2X, stats) for b, stats in summary["rows_2x"].items()]
         premise = {b + AT_2X: p for b, p in summary["premise_baselines"].items()}
         sections.append(("the same arm at 1x (each baseline arm's premise)", premise))
     for b, pairs in summary.get("paired_baselines", {}).items():

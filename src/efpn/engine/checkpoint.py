@@ -55,7 +55,10 @@ def _load_error(e: Exception) -> str:
     if marker in text:
         reason = " ".join(text.split(marker, 1)[1].split())
         reason = reason.split(" was not an allowed global")[0].split(" Check the documentation")[0]
-        return f"torch.load(weights_only=True) refused it: {reason}; efpn loads tensors and plain containers only"
+        return (
+            f"torch.load(weights_only=True) refused it: {reason}; "
+            "efpn loads tensors and plain containers only"
+        )
     first = (text.splitlines() or ["empty or truncated file"])[0]
     return f"{type(e).__name__}: {first}"
 
