@@ -1,12 +1,13 @@
 import json
 import pickle
 import re
+import warnings
 
 import pytest
 import torch
 
 from efpn.engine.checkpoint import load_checkpoint, save_checkpoint
-from efpn.engine.train import Trainer, model_from_checkpoint
+from efpn.engine.train import Trainer, advance_schedule, model_from_checkpoint
 from efpn.models.heads import ohem_select
 
 
@@ -242,6 +243,20 @@ def test_ohem_two_passes_give_the_one_pass_loss_and_gradient():
     assert any(g.abs().sum() > 0 for g in ref_grads)
     for a, b in zip(new_grads, ref_grads, strict=True):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_a_step_skipped_by_mixed_precision_advances_the_schedule_without_a_warning():
+    # GradScaler skips optimizer.step() while it looks for a loss scale; the schedule
+    # counts iterations, so it moves on and torch's call-order warning is not shown
+    w = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([w], lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 0.5**it)
+    with pytest.warns(UserWarning, match="lr_scheduler"):  # what a bare step() would show
+        torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([w], lr=1.0), lambda it: 1.0).step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        advance_schedule(sched)
+    assert sched.get_last_lr() == [0.5]
 
 
 def test_p2x_stride_is_known_for_small_inputs():

@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,18 @@ def load_data(cfg: Config, root: Path | None = None) -> tuple[DetectionData, Det
                 )
             data.eval_classes = names
     return train, val
+
+
+def advance_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """One step of the per-iteration learning-rate schedule.
+
+    With mixed precision, ``GradScaler`` skips the optimizer step while it searches for
+    a loss scale (often on the first iteration); the schedule still counts that
+    iteration, so torch's warning about the call order is expected and not shown.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+        scheduler.step()
 
 
 def _names(text: str) -> list[str]:
@@ -609,7 +622,7 @@ class Trainer:
                         torch.nn.utils.clip_grad_norm_(params, o.clip_grad)
                     scaler.step(optimizer)
                     scaler.update()
-                    scheduler.step()
+                    advance_schedule(scheduler)
                     step += 1
                     row = {
                         "stage": stage,
