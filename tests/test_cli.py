@@ -313,3 +313,11 @@ def test_val_takes_inference_overrides_only(trained_run, capsys):
     assert main(["val", "--weights", weights, "stage1.optim.lr=1"]) == 2
     err = capsys.readouterr().err.strip()
     assert "inference settings only" in err and len(err.splitlines()) == 1
+    # ``--set`` (efpn study's spelling) is the same as a key=value argument
+    assert main(["val", "--weights", weights, "--json", "--set", "model.merge=gated"]) == 0
+    same = json.loads(capsys.readouterr().out)
+    assert {k: v for k, v in same.items() if k != "seconds_per_image"} == {
+        k: v for k, v in gated.items() if k != "seconds_per_image"
+    }
+    assert main(["val", "--weights", weights, "--set", "stage1.optim.lr=1"]) == 2
+    assert "inference settings only" in capsys.readouterr().err

@@ -375,6 +375,11 @@ def test_config_show_comments_every_key(tmp_path, capsys):
     assert "  min_size: 512  # the test scale S" in out
     body = [ln for ln in out.splitlines() if not ln.rstrip().endswith(":")]
     assert body and all("  # " in ln for ln in body)
+    # ``--set KEY=VALUE`` (as in efpn study) and key=value arguments combine
+    assert main(["config", "show", "--set", "model.min_size=200", "stage1.optim.epochs=3"]) == 0
+    out = capsys.readouterr().out
+    assert "  min_size: 200  # the test scale S" in out
+    assert "    epochs: 3  # epochs (a whole number, 1 or more)." in out
 
 
 def test_logs_without_a_terminal_are_timestamped_lines(tmp_path, tiny_cfg, capsys):

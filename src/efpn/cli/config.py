@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from .train import add_override_args
+
 
 def _add_config(sub) -> None:
     p = sub.add_parser("config", help="show a resolved recipe with a comment on every key")
     csub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     s = csub.add_parser("show", help="the full resolved recipe, one comment per key")
     s.add_argument("--config", default=None, help="recipe (default: every key's default)")
-    s.add_argument("overrides", nargs="*", metavar="key=value")
+    add_override_args(s, "recipe overrides")
     s.set_defaults(func=_cmd_config_show)
     d = csub.add_parser("docs", help="print docs/config.md (the reference in Markdown)")
     d.set_defaults(func=_cmd_config_docs)
@@ -38,9 +40,9 @@ def format_recipe(
 def _cmd_config_show(args) -> int:
     from ..config import load_config
     from ..config_docs import key_help
-    from .train import parse_overrides
+    from .train import override_pairs, parse_overrides
 
-    cfg = load_config(args.config, parse_overrides(args.overrides))
+    cfg = load_config(args.config, parse_overrides(override_pairs(args)))
     print("\n".join(format_recipe(cfg.to_dict(), key_help())))
     return 0
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .train import add_override_args
+
 
 def _add_export(sub) -> None:
     p = sub.add_parser(
@@ -29,12 +31,7 @@ def _add_export(sub) -> None:
     p.add_argument(
         "--no-check", action="store_true", help="skip the onnxruntime comparison with PyTorch"
     )
-    p.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="key=value",
-        help="inference settings built into the graph, e.g. model.merge=fused",
-    )
+    add_override_args(p, "inference settings built into the graph, e.g. model.merge=fused")
     p.set_defaults(func=_cmd_export)
 
 
@@ -44,13 +41,13 @@ def _cmd_export(args) -> int:
     from ..config import apply_overrides, config_from_dict
     from ..engine.train import model_from_checkpoint
     from ..export import DEFAULT_OPSET, export_onnx, require_onnx
-    from .train import inference_overrides
+    from .train import inference_overrides, override_pairs
 
     require_onnx()  # before loading anything: say what to install
     out = Path(args.out) if args.out else Path(args.weights).with_suffix(".onnx")
     if out.suffix.lower() != ".onnx":
         raise ValueError(f"--out {out}: an ONNX file ends in .onnx")
-    overrides = inference_overrides(args.overrides, "export")
+    overrides = inference_overrides(override_pairs(args), "export")
     model, ckpt = model_from_checkpoint(args.weights, "cpu", **overrides)
     config = ckpt.get("config")
     if config and overrides:  # the file's recipe names what its graph does

@@ -20,7 +20,7 @@ def _add_train(sub) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--config", help="YAML recipe (see configs/ and docs/config.md)")
     src.add_argument("--data", help="dataset folder, COCO JSON or dataset YAML")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
+    add_override_args(p, "recipe overrides")
     p.add_argument(
         "--model", default="resnet18", help="with --data: resnet18, resnet50 or resnext101_32x8d"
     )
@@ -38,6 +38,25 @@ def _add_train(sub) -> None:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_train)
+
+
+def add_override_args(p, help: str) -> None:
+    """``key=value`` arguments, and the same as ``--set key=value`` (``efpn study``'s
+    spelling, where positional pairs would belong to ``--arm``)."""
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=help)
+    p.add_argument(
+        "--set",
+        dest="set_pairs",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="the same as a key=value argument (repeatable)",
+    )
+
+
+def override_pairs(args) -> list[str]:
+    """Every ``key=value`` of a command line: the positional ones, then ``--set``'s."""
+    return [*args.overrides, *args.set_pairs]
 
 
 def inference_overrides(pairs: list[str], command: str) -> dict:
@@ -66,7 +85,7 @@ def _cmd_train(args) -> int:
     from ..config import load_config
     from ..engine.train import Trainer
 
-    overrides = parse_overrides(args.overrides)
+    overrides = parse_overrides(override_pairs(args))
     if args.data:
         from ..config import apply_overrides
         from ..recipe import recipe_from_data
@@ -159,12 +178,7 @@ def _add_val(sub) -> None:
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--save", default=None, metavar="FILE", help="write the COCO results here")
-    p.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="key=value",
-        help="inference settings of the checkpoint's recipe, e.g. model.merge=fused",
-    )
+    add_override_args(p, "inference settings of the checkpoint's recipe, e.g. model.merge=fused")
     p.set_defaults(func=_cmd_val)
 
 
@@ -188,7 +202,7 @@ def _cmd_val(args) -> int:
         if args.band_rows < 0:
             raise ValueError("--band-rows must be 0 (one pass) or more")
         overrides["p2x_band_rows"] = args.band_rows
-    overrides.update(inference_overrides(args.overrides, "val"))
+    overrides.update(inference_overrides(override_pairs(args), "val"))
     onnx = str(args.weights).lower().endswith(".onnx")
     if onnx and args.scale != 1.0:
         raise ValueError(
@@ -276,12 +290,7 @@ def _add_predict(sub) -> None:
     )
     _add_slice_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars or summary line")
-    p.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="key=value",
-        help="inference settings of the checkpoint's recipe, e.g. model.merge=fused",
-    )
+    add_override_args(p, "inference settings of the checkpoint's recipe, e.g. model.merge=fused")
     p.set_defaults(func=_cmd_predict)
 
 
@@ -322,7 +331,7 @@ def _cmd_predict(args) -> int:
         overlap=args.overlap,
         merge=args.merge,
         full_image=args.full_image,
-        model_overrides=inference_overrides(args.overrides, "predict"),
+        model_overrides=inference_overrides(override_pairs(args), "predict"),
     )
     if not args.quiet:
         print(f"drawings in {path.parent}")
@@ -347,7 +356,7 @@ def _add_demo(sub) -> None:
     )
     p.add_argument("--no-test", action="store_true", help="compare on val only")
     p.add_argument("--quiet", action="store_true")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
+    add_override_args(p, "recipe overrides")
     p.set_defaults(func=_cmd_demo)
 
 
@@ -362,7 +371,7 @@ def _cmd_demo(args) -> int:
         args.out,
         quiet=args.quiet,
         eval_only=args.eval_only,
-        overrides=parse_overrides(args.overrides),
+        overrides=parse_overrides(override_pairs(args)),
         test=None if args.no_test else test,
     )
     return 0
