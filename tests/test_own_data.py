@@ -219,3 +219,24 @@ def test_one_line_training_on_a_coco_json(tmp_path):
     cfg = load_config(out / "config.yaml")
     assert cfg.data.format == "coco" and cfg.data.val_fraction == 0.2
     assert (out / "stage1" / "best.pt").exists()
+
+
+def test_images_far_larger_than_imgsz_warn_that_objects_shrink_away(tmp_path):
+    from efpn.recipe import recipe_from_data
+
+    root = tmp_path / "scenes"
+    (root / "labels").mkdir(parents=True)
+    (root / "classes.txt").write_text("car\n")
+    for i in range(5):  # 256-px scenes with one 12x12 car and one 48x48 truck
+        _scene(root / "images" / f"{i}.png", [(20, 20, 32, 32), (100, 100, 148, 148)], size=256)
+        (root / "labels" / f"{i}.txt").write_text(
+            "0 0.1015625 0.1015625 0.046875 0.046875\n0 0.484375 0.484375 0.1875 0.1875\n"
+        )
+    _, lines = recipe_from_data(root, imgsz=64)
+    warning = [ln for ln in lines if ln.startswith("warning:")]
+    assert len(warning) == 1
+    assert "(median 256 px) is 4.0x --imgsz" in warning[0]
+    assert "50% of the boxes are under 8 px" in warning[0]  # the cars: 3 px at 64 px
+    assert "efpn data slice DATA --size 64" in warning[0]
+    _, lines = recipe_from_data(root, imgsz=256)  # the native resolution: nothing to say
+    assert not [ln for ln in lines if ln.startswith("warning:")]

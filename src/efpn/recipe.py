@@ -248,6 +248,9 @@ def recipe_from_data(
             f"boxes at {imgsz} px: sqrt(area) 5th percentile {sizes['p5']:.1f} px, median "
             f"{sizes['median']:.1f} px, {sizes['small']:.0%} under 32 px"
         )
+    shrink = _shrink_warning(wh, boxes, imgsz)
+    if shrink:
+        lines.append(shrink)
     m = cfg.model
     lines.append(
         f"derived: anchor_sizes {m.anchor_sizes}, small_roi_size {m.small_roi_size:g}, "
@@ -258,3 +261,30 @@ def recipe_from_data(
         f"batch {batch}; device {device}"
     )
     return cfg, lines
+
+
+#: a box under this many pixels (sqrt of area) at the test size is below what even the
+#: stride-2 level P'2 resolves well
+TINY_PX = 8.0
+
+
+def _shrink_warning(image_wh: np.ndarray, boxes: list[np.ndarray], imgsz: int) -> str | None:
+    """A warning when resizing the images to ``imgsz`` shrinks their objects away: the
+    images' shorter side is at least twice ``imgsz`` (huge scenes, tiles wanted)."""
+    if not len(image_wh):
+        return None
+    short = float(np.median(image_wh.min(axis=1)))
+    factor = short / imgsz
+    if factor < 2.0:
+        return None
+    tiny = ""
+    if boxes:
+        b = np.concatenate(boxes)
+        at_s = np.sqrt(b[:, 0] * b[:, 1]) * b[:, 2]
+        tiny = f": {float((at_s < TINY_PX).mean()):.0%} of the boxes are under {TINY_PX:g} px there"
+    return (
+        f"warning: the images' shorter side (median {short:.0f} px) is {factor:.1f}x --imgsz, so "
+        f"every object shrinks {factor:.1f}x at {imgsz} px{tiny}. For large scenes cut tiles at "
+        f"native resolution (efpn data slice DATA --size {imgsz} --out TILES), train on them and "
+        f"predict with --slice {imgsz} (README, 'Huge images'), or raise --imgsz"
+    )
