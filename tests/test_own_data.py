@@ -240,3 +240,35 @@ def test_images_far_larger_than_imgsz_warn_that_objects_shrink_away(tmp_path):
     assert "efpn data slice DATA --size 64" in warning[0]
     _, lines = recipe_from_data(root, imgsz=256)  # the native resolution: nothing to say
     assert not [ln for ln in lines if ln.startswith("warning:")]
+
+
+def test_a_named_val_set_replaces_the_holdout_and_a_contradiction_is_refused(tmp_path):
+    from efpn.config import load_config
+    from efpn.recipe import recipe_from_data
+
+    root = tmp_path / "ds"
+    for split, n in (("train", 5), ("val", 2)):
+        coco = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "car"}]}
+        for i in range(n):
+            _scene(root / split / f"{i}.png", [(8, 8, 20, 20)])
+            coco["images"].append({"id": i + 1, "file_name": f"{i}.png", "width": 64, "height": 64})
+            coco["annotations"].append(
+                {"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": [8, 8, 12, 12]}
+            )
+        (root / split / "annotations.json").write_text(json.dumps(coco))
+    train_json, val_json = root / "train" / "annotations.json", root / "val" / "annotations.json"
+    cfg, lines = recipe_from_data(train_json, imgsz=64)  # no split: 20% held out
+    assert cfg.data.val_fraction == 0.2 and "4 train / 1 val images" in lines[0]
+    # naming a val set used to keep the holdout and silently ignore it
+    cfg, lines = recipe_from_data(train_json, imgsz=64, overrides={"data.val": str(val_json)})
+    assert cfg.data.val_fraction == 0 and cfg.data.val == str(val_json)
+    assert "5 train / 2 val images" in lines[0] and f"val from {val_json}" in lines[0]
+    with pytest.raises(ValueError, match="data.val .* would go unused.*val_fraction: 0"):
+        recipe_from_data(
+            train_json, imgsz=64, overrides={"data.val": str(val_json), "data.val_fraction": 0.2}
+        )
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"data: {{format: coco, train: {train_json}, val: {val_json}}}\n")
+    assert load_config(recipe).data.val == str(val_json)
+    with pytest.raises(ValueError, match=r"r\.yaml: data\.val .* would go unused"):
+        load_config(recipe, {"data.val_fraction": 0.1})

@@ -295,6 +295,13 @@ def validate(cfg: Config, where: str = "config") -> Config:
         value = get(key)
         if not rule(value):
             raise ValueError(f"{where}: {key} {msg}, got {value!r}")
+    d = cfg.data
+    if d.val_fraction > 0 and d.val not in (None, d.train):
+        raise ValueError(
+            f"{where}: data.val {d.val!r} would go unused, since data.val_fraction "
+            f"{d.val_fraction:g} holds val out of data.train; set data.val_fraction: 0 to "
+            "validate on data.val"
+        )
     return cfg
 
 

@@ -98,7 +98,7 @@ SECTIONS: list[tuple[str, str, list[tuple[str, str, str]]]] = [
             [
                 "`val_fraction`",
                 "`0.0`",
-                "for data without a split: hold out this fraction of `train` as val (sorted by file name, shuffled with `split_seed`; the same call gives the same split). 0: use `val`.",
+                "for data without a split: hold out this fraction of `train` as val (sorted by file name, shuffled with `split_seed`; the same call gives the same split). 0: use `val`. A `val` other than `train` needs 0 (refused otherwise); `efpn train --data DATA data.val=V` sets it to 0 itself.",
             ],
             ["`split_seed`", "`0`", "seed of the `val_fraction` hold-out."],
             ["`synth_train`, `synth_val`", "`200`, `50`", "SynthSigns image counts."],

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from .config import Config, config_from_dict
+from .config import Config, apply_overrides, config_from_dict
 from .data.records import DataError
 
 __all__ = ["MODELS", "read_dataset_yaml", "recipe_from_data"]
@@ -151,12 +151,15 @@ def recipe_from_data(
     device: str = "auto",
     batch: int = 4,
     name: str | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> tuple[Config, list[str]]:
     """A recipe for DATA and the lines that say what was derived from it.
 
     Stage 1 trains ``epochs`` epochs multi-scale over ``imgsz``..2x``imgsz`` (so the
     premise check and the stage-2 teacher work at 2x); stages 2 and 3 get a third of
-    that each (at least one), the ratio of the shipped recipes.
+    that each (at least one), the ratio of the shipped recipes. ``overrides`` (dotted
+    keys) win over everything derived; a ``data.val`` other than DATA is the val set, in
+    place of the held-out fraction.
     """
     from .engine.train import load_data
 
@@ -214,6 +217,12 @@ def recipe_from_data(
         "checkpoint_every": 100,
     }
     cfg = config_from_dict(values, f"--data {data}")
+    overrides = dict(overrides or {})
+    if overrides.get("data.val") not in (None, section["train"]):
+        overrides.setdefault("data.val_fraction", 0.0)  # a named val set, not a holdout
+    if overrides:
+        cfg = apply_overrides(cfg, overrides, "overrides")
+        values = cfg.to_dict()
     train, val = load_data(cfg)
     wh = np.asarray([[r.width, r.height] for r in train.images], dtype=float).reshape(-1, 2)
     boxes = [
@@ -233,12 +242,16 @@ def recipe_from_data(
     values["data"]["scale_jitter"] = sorted(
         {int(round(imgsz * f / 32) * 32) for f in (1.0, 1.25, 1.5, 1.75, 2.0)}
     )
-    cfg = config_from_dict(values, f"--data {data}")
-    split = (
-        f"its own split ({section['train_split']}/{section['val_split']})"
-        if section.get("val_split")
-        else f"{section.get('val_fraction', 0):.0%} of the images held out as val (seed 0)"
-    )
+    cfg = apply_overrides(config_from_dict(values, f"--data {data}"), overrides, "overrides")
+    d = cfg.data
+    if d.val_fraction > 0:
+        split = f"{d.val_fraction:.0%} of the images held out as val (seed {d.split_seed})"
+    elif d.val not in (None, d.train):
+        split = f"val from {d.val}" + (f" ({d.val_split})" if d.val_split else "")
+    elif d.val_split and d.val_split != d.train_split:
+        split = f"its own split ({d.train_split}/{d.val_split})"
+    else:
+        split = "no held-out val: val is the training data (data.val_fraction=0)"
     lines = [
         f"data: {data} ({section['format']}), {len(train.classes)} classes, "
         f"{len(train.images)} train / {len(val.images)} val images, {split}",

@@ -87,7 +87,6 @@ def _cmd_train(args) -> int:
 
     overrides = parse_overrides(override_pairs(args))
     if args.data:
-        from ..config import apply_overrides
         from ..recipe import recipe_from_data
 
         cfg, lines = recipe_from_data(
@@ -97,8 +96,8 @@ def _cmd_train(args) -> int:
             epochs=args.epochs,
             device=args.device,
             batch=args.batch,
+            overrides=overrides,
         )
-        cfg = apply_overrides(cfg, overrides, "overrides")
         if not args.quiet:
             for line in lines:
                 print(line, flush=True)
