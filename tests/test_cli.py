@@ -321,3 +321,30 @@ def test_val_takes_inference_overrides_only(trained_run, capsys):
     }
     assert main(["val", "--weights", weights, "--set", "stage1.optim.lr=1"]) == 2
     assert "inference settings only" in capsys.readouterr().err
+
+
+def test_predict_on_a_folder_skips_unreadable_images_and_keeps_same_named_ones_apart(
+    trained_run, tmp_path, capsys
+):
+    run, _ = trained_run
+    weights = str(run / "stage3" / "best.pt")
+    src = tmp_path / "src"
+    image = Image.fromarray(np.full((48, 64, 3), 120, np.uint8))
+    for rel in ("a/1.png", "b/1.png", "2.png", "2.jpg"):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        image.save(src / rel)
+    (src / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    assert main(["predict", "--weights", weights, "--source", str(src), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"skipped: {src / 'broken.png'}: cannot decode image" in err
+    assert f"{src}: skipped 1 of 5 image(s)" in err
+    drawn = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+    assert drawn == ["2.jpg.png", "2.png.png", "a/1.png", "b/1.png"]  # none overwritten
+    assert (out / "predictions.json").exists()
+    # a single image that cannot be read stays an error
+    code = main(
+        ["predict", "--weights", weights, "--source", str(src / "broken.png"), "--out", str(out)]
+    )
+    assert code != 0
+    assert "broken.png: cannot decode image" in capsys.readouterr().err

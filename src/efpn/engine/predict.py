@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from ..data.dataset import load_rgb
 from ..data.formats import IMAGE_SUFFIXES, read_dataset
+from ..data.records import DataError
 from ..viz import draw_detections
 from .train import detector_from_file
 
@@ -28,6 +29,16 @@ def _images(source: Path) -> list[Path]:
 
 def _relative(path: Path, source: Path) -> str:
     return path.relative_to(source).as_posix() if source.is_dir() else path.name
+
+
+def _drawing_names(paths: list[Path], source: Path) -> dict[Path, str]:
+    """Each image's drawing, ``<path relative to source>`` as ``.png``; images that would
+    share one (``1.jpg`` and ``1.png``) keep their own suffix too (``1.jpg.png``)."""
+    plain = {p: Path(_relative(p, source)).with_suffix(".png").as_posix() for p in paths}
+    taken: dict[str, int] = {}
+    for name in plain.values():
+        taken[name] = taken.get(name, 0) + 1
+    return {p: n if taken[n] == 1 else f"{_relative(p, source)}.png" for p, n in plain.items()}
 
 
 @torch.no_grad()
@@ -49,8 +60,10 @@ def predict(
 ) -> Path:
     """Detect objects in ``source`` (an image or a folder) with a checkpoint.
 
-    Writes ``out/<name>`` drawings and ``out/predictions.json`` (COCO results; image ids
-    from ``compare`` when given, else 1..N in sorted order). With ``compare`` (a COCO
+    Writes drawings (``out/<path relative to source>`` as ``.png``) and ``out/predictions.json``
+    (COCO results; image ids from ``compare`` when given, else 1..N in sorted order). In
+    a folder, an image that cannot be read is skipped, named on stderr and counted; a
+    single image that cannot be read is an error. With ``compare`` (a COCO
     ground-truth JSON whose ``file_name``s are relative to ``source``), true positives
     are green, false positives blue and false negatives red, as the paper's Fig. 8.
     With ``slice_size``, each image is detected in overlapping tiles
@@ -72,12 +85,25 @@ def predict(
     if compare is not None:
         gt = read_dataset(compare, "coco")
         gt_by_name = {r.file_name: r for r in gt.images}
-    results, kept = [], 0
+    results, kept, skipped = [], 0, 0
     tty = sys.stderr.isatty()
     step = 1 if slice_size else batch_size
+    ids = {p: k + 1 for k, p in enumerate(paths)}
+    drawings = _drawing_names(paths, source)
     for start in tqdm(range(0, len(paths), step), desc="predict", disable=quiet or not tty):
-        chunk = paths[start : start + step]
-        arrays = [load_rgb(p, sliced=bool(slice_size)) for p in chunk]
+        chunk, arrays = [], []
+        for p in paths[start : start + step]:
+            try:
+                arrays.append(load_rgb(p, sliced=bool(slice_size)))
+            except DataError as e:
+                if not source.is_dir():
+                    raise
+                skipped += 1
+                print(f"skipped: {e}", file=sys.stderr, flush=True)
+                continue
+            chunk.append(p)
+        if not chunk:
+            continue
         if slice_size:
             outputs = [
                 predict_sliced(
@@ -98,10 +124,10 @@ def predict(
                 torch.from_numpy(a).permute(2, 0, 1).float().div(255).to(device) for a in arrays
             ]
             outputs = model(images)
-        for k, (p, a, o) in enumerate(zip(chunk, arrays, outputs)):
+        for p, a, o in zip(chunk, arrays, outputs):
             o = {key: v.cpu() for key, v in o.items()}
             r = gt_by_name.get(_relative(p, source))
-            image_id = r.image_id if r is not None else start + k + 1
+            image_id = r.image_id if r is not None else ids[p]
             kept += int((o["scores"] >= score_thresh).sum())
             for b, sc, lab in zip(o["boxes"].tolist(), o["scores"].tolist(), o["labels"].tolist()):
                 results.append(
@@ -122,13 +148,22 @@ def predict(
             drawn = draw_detections(
                 Image.fromarray(a), o, classes, gt=gt_target, score_thresh=score_thresh
             )
-            drawn.save(out / f"{p.stem}.png")
+            drawing = out / drawings[p]
+            drawing.parent.mkdir(parents=True, exist_ok=True)
+            drawn.save(drawing)
     path = out / "predictions.json"
     path.write_text(json.dumps(results))
+    if skipped:
+        print(
+            f"{source}: skipped {skipped} of {len(paths)} image(s) that could not be read "
+            "(named above)",
+            file=sys.stderr,
+            flush=True,
+        )
     if not quiet:
         print(
-            f"{len(paths)} image(s): {len(results)} detections, {kept} at score >= {score_thresh} "
-            f"(drawn); wrote {path}",
+            f"{len(paths) - skipped} image(s): {len(results)} detections, {kept} at score >= "
+            f"{score_thresh} (drawn); wrote {path}",
             flush=True,
         )
     return path
