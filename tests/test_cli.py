@@ -348,3 +348,11 @@ def test_predict_on_a_folder_skips_unreadable_images_and_keeps_same_named_ones_a
     )
     assert code != 0
     assert "broken.png: cannot decode image" in capsys.readouterr().err
+    # a folder with no image, or none readable, is an error, not an empty result
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.png").write_bytes(b"junk")
+    for folder, says in (("empty", "no images"), ("bad", "none of its 1 image(s) could be read")):
+        args = ["predict", "--weights", weights, "--source", str(tmp_path / folder)]
+        assert main([*args, "--out", str(tmp_path / f"o_{folder}")]) != 0
+        assert says in capsys.readouterr().err

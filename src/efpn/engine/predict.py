@@ -21,7 +21,10 @@ __all__ = ["predict"]
 
 def _images(source: Path) -> list[Path]:
     if source.is_dir():
-        return sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        found = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not found:
+            raise DataError(f"{source}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        return found
     if not source.exists():
         raise FileNotFoundError(f"{source}: no such image or folder")
     return [source]
@@ -151,6 +154,8 @@ def predict(
             drawing = out / drawings[p]
             drawing.parent.mkdir(parents=True, exist_ok=True)
             drawn.save(drawing)
+    if paths and skipped == len(paths):
+        raise DataError(f"{source}: none of its {skipped} image(s) could be read (named above)")
     path = out / "predictions.json"
     path.write_text(json.dumps(results))
     if skipped:
