@@ -216,13 +216,11 @@ def recipe_from_data(
         },
         "checkpoint_every": 100,
     }
-    cfg = config_from_dict(values, f"--data {data}")
     overrides = dict(overrides or {})
     if overrides.get("data.val") not in (None, section["train"]):
         overrides.setdefault("data.val_fraction", 0.0)  # a named val set, not a holdout
-    if overrides:
-        cfg = apply_overrides(cfg, overrides, "overrides")
-        values = cfg.to_dict()
+    cfg = apply_overrides(config_from_dict(values, f"--data {data}"), overrides, "overrides")
+    values = cfg.to_dict()
     train, val = load_data(cfg)
     wh = np.asarray([[r.width, r.height] for r in train.images], dtype=float).reshape(-1, 2)
     boxes = [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -38,9 +39,7 @@ def _drawing_names(paths: list[Path], source: Path) -> dict[Path, str]:
     """Each image's drawing, ``<path relative to source>`` as ``.png``; images that would
     share one (``1.jpg`` and ``1.png``) keep their own suffix too (``1.jpg.png``)."""
     plain = {p: Path(_relative(p, source)).with_suffix(".png").as_posix() for p in paths}
-    taken: dict[str, int] = {}
-    for name in plain.values():
-        taken[name] = taken.get(name, 0) + 1
+    taken = Counter(plain.values())
     return {p: n if taken[n] == 1 else f"{_relative(p, source)}.png" for p, n in plain.items()}
 
 
@@ -154,7 +153,7 @@ def predict(
             drawing = out / drawings[p]
             drawing.parent.mkdir(parents=True, exist_ok=True)
             drawn.save(drawing)
-    if paths and skipped == len(paths):
+    if skipped == len(paths):  # _images never returns an empty list
         raise DataError(f"{source}: none of its {skipped} image(s) could be read (named above)")
     path = out / "predictions.json"
     path.write_text(json.dumps(results))
