@@ -538,3 +538,75 @@ def test_coco_declared_size_is_checked_against_the_file(tmp_path, caplog):
     line = (out / "labels" / "a.txt").read_text().split()
     # normalised by the file's 200x50, not the declared 100x100
     np.testing.assert_allclose([float(v) for v in line[1:]], [0.625, 0.4, 0.25, 0.4])
+
+
+def _sideways_photo(path: Path) -> np.ndarray:
+    """Save a 20x40 (w x h) upright picture as a phone does: stored turned by 90 degrees
+    (40x20) with EXIF orientation 6. Returns the upright pixels."""
+    upright = np.zeros((40, 20, 3), np.uint8)
+    upright[2:8, 3:9] = 255  # a white square near the top left, as a viewer shows it
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(path, exif=exif)
+    return upright
+
+
+def test_exif_rotated_photos_are_read_upright_unless_annotated_unturned(tmp_path, caplog):
+    import logging
+
+    # YOLO (normalised boxes, no declared size): upright, as Ultralytics reads it
+    root = tmp_path / "yolo"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    (root / "classes.txt").write_text("sign\n")
+    upright = _sideways_photo(root / "images" / "p.png")
+    # the white square in the upright frame: x 3..9 of 20, y 2..8 of 40
+    (root / "labels" / "p.txt").write_text("0 0.3 0.125 0.3 0.15\n")
+    data = read_yolo(root)
+    r = data.images[0]
+    assert (r.width, r.height, r.upright) == (20, 40, True)
+    np.testing.assert_allclose(r.boxes, [[3, 2, 9, 8]])
+    image, target = DetectionDataset(data)[0]
+    np.testing.assert_array_equal(image.permute(1, 2, 0).numpy(), upright)
+    x1, y1, x2, y2 = target["boxes"][0].int().tolist()
+    assert (image[:, y1:y2, x1:x2] == 255).all()  # the box holds the object it names
+    np.testing.assert_array_equal(load_rgb(root / "images" / "p.png"), upright)
+
+    # COCO declaring the upright size: upright; declaring the stored size: unturned
+    for declared, turned in (((20, 40), True), ((40, 20), False)):
+        gt = {
+            "images": [
+                {"id": 1, "file_name": "images/p.png", "width": declared[0], "height": declared[1]}
+            ],
+            "annotations": [],
+            "categories": [{"id": 1, "name": "sign"}],
+        }
+        (root / "gt.json").write_text(json.dumps(gt))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="efpn.data"):
+            data = read_coco(root / "gt.json")
+        r = data.images[0]
+        assert (r.width, r.height, r.upright) == (*declared, turned)
+        image, _ = DetectionDataset(data)[0]
+        assert tuple(image.shape[1:]) == (declared[1], declared[0])
+        assert ("declare their stored, unturned size" in caplog.text) is not turned
+        assert "differ from the file" not in caplog.text
+
+    # VOC: the same rule on <size>, and a <size> of 0 (some tools write it) is read
+    # from the file
+    voc = tmp_path / "voc"
+    (voc / "Annotations").mkdir(parents=True)
+    (voc / "JPEGImages").mkdir()
+    _sideways_photo(voc / "JPEGImages" / "p.png")
+    _sideways_photo(voc / "JPEGImages" / "q.png")
+    box = "<object><name>sign</name><bndbox><xmin>3</xmin><ymin>2</ymin><xmax>9</xmax><ymax>8</ymax></bndbox></object>"
+    for stem, (w, h) in (("p", (40, 20)), ("q", (0, 0))):
+        (voc / "Annotations" / f"{stem}.xml").write_text(
+            f"<annotation><filename>{stem}.png</filename><size><width>{w}</width>"
+            f"<height>{h}</height><depth>3</depth></size>{box}</annotation>"
+        )
+    data = read_voc(voc)
+    got = {r.file_name: (r.width, r.height, r.upright) for r in data.images}
+    assert got == {"JPEGImages/p.png": (40, 20, False), "JPEGImages/q.png": (20, 40, True)}
+    assert [tuple(DetectionDataset(data)[i][0].shape[1:]) for i in (0, 1)] == [(20, 40), (40, 20)]

@@ -148,7 +148,7 @@ def run_demo(
     record = max(
         shown.images, key=lambda r: int(((r.boxes[:, 2:] - r.boxes[:, :2]).max(1) < 32).sum())
     )
-    rgb = load_rgb(shown.image_path(record))
+    rgb = load_rgb(shown.image_path(record), upright=record.upright)
     image = Image.fromarray(rgb)
     tensor = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255
     with torch.no_grad():

@@ -36,7 +36,7 @@ class DetectionDataset(Dataset):
     def load(self, index: int) -> tuple[tv_tensors.Image, dict]:
         r = self.data.images[index]
         path = self.data.image_path(r)
-        arr = load_rgb(path)
+        arr = load_rgb(path, upright=r.upright)
         if arr.shape[0] != r.height or arr.shape[1] != r.width:
             raise DataError(
                 f"{path}: image is {arr.shape[1]}x{arr.shape[0]} but {self.data.source} says {r.width}x{r.height}"

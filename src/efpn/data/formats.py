@@ -55,12 +55,14 @@ def load_json(path: str | Path):
 
 
 def _image_size(path: Path, source: str) -> tuple[int, int]:
-    from .image import check_size
+    """The image's upright ``(width, height)`` (after its EXIF orientation), from its
+    header."""
+    from .image import check_size, file_sizes
 
     try:
         with Image.open(path) as im:
             check_size(path, *im.size, sliced=True)  # readable at all, if only sliced
-            return im.size
+            return file_sizes(im)[1]
     except DataError:
         raise
     except FileNotFoundError:
@@ -175,25 +177,42 @@ def read_coco(ann_file: str | Path, image_root: str | Path | None = None) -> Det
 
 def _check_declared_sizes(images: dict[int, ImageRecord], paths: dict[int, Path], src: str):
     """Compare each declared width and height with the image file's header (cheap: the
-    pixels are not decoded) and use the file's, with one counted warning. Files that
-    are absent (an annotation file read for evaluation only) are not checked."""
-    wrong = []
+    pixels are not decoded). A declared size that is the stored size of an image whose
+    EXIF orientation turns it means the annotations were drawn on the unturned pixels:
+    that image is read unturned, with one counted line. Any other mismatch takes the
+    file's size, with one counted warning. Files that are absent (an annotation file
+    read for evaluation only) are not checked."""
+    from .image import file_sizes
+
+    wrong, unturned = [], []
     for i, r in images.items():
         try:
             with Image.open(paths[i]) as im:
-                w, h = im.size
+                stored, upright = file_sizes(im)
         except (FileNotFoundError, IsADirectoryError):
             continue
         except Exception:  # undecodable: reported with the file when it is loaded
             continue
-        if (w, h) != (r.width, r.height):
-            wrong.append((r.file_name, r.width, r.height, w, h))
-            r.width, r.height = w, h
-    if wrong:
-        import logging
+        declared = (r.width, r.height)
+        if declared == upright:
+            continue
+        if declared == stored:
+            r.upright = False
+            unturned.append(r.file_name)
+            continue
+        wrong.append((r.file_name, r.width, r.height, *upright))
+        r.width, r.height = upright
+    import logging
 
+    log = logging.getLogger("efpn.data")
+    if unturned:
+        log.warning(
+            f"{src}: {len(unturned)} image(s) carry an EXIF rotation but declare their stored, "
+            f"unturned size; read them unturned, as annotated (first: {unturned[0]})"
+        )
+    if wrong:
         name, dw, dh, w, h = wrong[0]
-        logging.getLogger("efpn.data").warning(
+        log.warning(
             f"{src}: {len(wrong)} image(s) declare a width and height that differ from "
             f"the file; used the file's (first: {name} declares {dw}x{dh}, is {w}x{h})"
         )
@@ -399,12 +418,20 @@ def write_yolo(data: DetectionData, out_dir: str | Path) -> Path:
             lines.append(f"{lab} {cx:.10f} {cy:.10f} {bw:.10f} {bh:.10f}")
         label_path.write_text("\n".join(lines) + ("\n" if lines else ""))
     (out_dir / "classes.txt").write_text("\n".join(data.classes) + "\n")
+    import logging
+
+    log = logging.getLogger("efpn.data")
     dropped = sum(len(r.ignore) for r in data.images)
     if dropped:
-        import logging
-
-        logging.getLogger("efpn.data").warning(
+        log.warning(
             f"{out_dir}: YOLO has no ignore regions; {dropped} left out (convert to COCO to keep them)"
+        )
+    unturned = [r.file_name for r in data.images if not r.upright]
+    if unturned:
+        log.warning(
+            f"{out_dir}: {len(unturned)} image(s) were annotated unturned despite an EXIF "
+            f"rotation, but YOLO readers (efpn, Ultralytics) turn them; remove their EXIF "
+            f"orientation, or convert to COCO, which keeps the declared size (first: {unturned[0]})"
         )
     return out_dir
 
@@ -446,13 +473,19 @@ def read_voc(
         classes = _voc_classes(root, ann_dir)
     index = {c: i for i, c in enumerate(classes)}
     records = []
+    to_check: dict[int, ImageRecord] = {}
     for idx, (x, t) in enumerate(parsed):
         fname = t.findtext("filename") or f"{x.stem}.jpg"
         rel = f"JPEGImages/{fname}"
         size = t.find("size")
-        if size is not None and size.findtext("width"):
-            w, h = int(float(size.findtext("width"))), int(float(size.findtext("height")))
-        else:
+        declared = size is not None and bool(size.findtext("width"))
+        if declared:
+            try:
+                w, h = int(float(size.findtext("width"))), int(float(size.findtext("height")))
+            except (TypeError, ValueError):
+                raise DataError(f"{x}: <size> needs numeric <width> and <height>") from None
+            declared = w > 0 and h > 0  # some tools write 0 when they did not know
+        if not declared:
             w, h = _image_size(resolve_inside(root, rel, str(x)), str(x))
         boxes, labels, ignore, ignore_labels = [], [], [], []
         for k, o in enumerate(t.iter("object")):
@@ -487,6 +520,9 @@ def read_voc(
                 ignore_labels=np.asarray(ignore_labels, dtype=np.int64),
             )
         )
+        if declared:
+            to_check[idx] = records[-1]
+    _check_declared_sizes(to_check, {i: root / r.file_name for i, r in to_check.items()}, str(root))
     return _finish(DetectionData(root, list(classes), records, str(root)))
 
 

@@ -33,6 +33,8 @@ class ImageRecord:
         ignore_labels: ``(M,)`` class index of each region, -1 for any class.
         attributes: per-box arrays kept from the source (VisDrone ``truncation``,
             ``occlusion``), each of length K.
+        upright: read the image turned by its EXIF orientation (what viewers show);
+            ``False`` where the annotations declare the stored, unturned size.
     """
 
     file_name: str
@@ -44,6 +46,7 @@ class ImageRecord:
     ignore: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
     ignore_labels: np.ndarray = field(default_factory=lambda: np.zeros((0,), dtype=np.int64))
     attributes: dict = field(default_factory=dict)
+    upright: bool = True
 
 
 @dataclass

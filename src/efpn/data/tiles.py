@@ -124,7 +124,7 @@ def slice_dataset(
     tiles: list[ImageRecord] = []
     counts = dict(images=0, tiles=0, kept_empty=0, dropped_empty=0, boxes=0, cut_to_ignore=0)
     for r in data.images:
-        image = load_rgb(data.image_path(r), sliced=True)
+        image = load_rgb(data.image_path(r), sliced=True, upright=r.upright)
         h, w = image.shape[:2]
         if (w, h) != (r.width, r.height):
             raise ValueError(
@@ -190,7 +190,7 @@ def mosaic_dataset(
         for row, h in zip(grid, heights):
             x = 0
             for c, r in enumerate(row):
-                image = load_rgb(data.image_path(r), sliced=True)
+                image = load_rgb(data.image_path(r), sliced=True, upright=r.upright)
                 ih, iw = image.shape[:2]
                 if (iw, ih) != (r.width, r.height):
                     raise ValueError(

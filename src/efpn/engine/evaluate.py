@@ -107,7 +107,7 @@ def _predict_sliced(model, data, device, batch_size, quiet, slicing):
     results, seconds = [], 0.0
     show = not quiet and dist_utils.is_main() and sys.stderr.isatty()
     for r in tqdm(records, desc="eval (sliced)", leave=False, disable=not show):
-        image = load_rgb(data.image_path(r), sliced=True)
+        image = load_rgb(data.image_path(r), sliced=True, upright=r.upright)
         start = time.perf_counter()
         out = predict_sliced(model, image, batch_size=batch_size, device=device, **slicing)
         seconds += time.perf_counter() - start
