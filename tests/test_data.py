@@ -610,3 +610,41 @@ def test_exif_rotated_photos_are_read_upright_unless_annotated_unturned(tmp_path
     got = {r.file_name: (r.width, r.height, r.upright) for r in data.images}
     assert got == {"JPEGImages/p.png": (40, 20, False), "JPEGImages/q.png": (20, 40, True)}
     assert [tuple(DetectionDataset(data)[i][0].shape[1:]) for i in (0, 1)] == [(20, 40), (40, 20)]
+
+
+def test_yolo_polygons_encodings_and_bad_names_files(tmp_path):
+    # an Ultralytics segmentation label is read as its polygon's bounding box
+    root = _yolo_dataset(
+        tmp_path / "poly", {"a": "0 0.1 0.2 0.4 0.2 0.4 0.6 0.1 0.6\n1 0.5 0.5 0.2 0.2\n"}
+    )
+    np.testing.assert_allclose(
+        read_yolo(root).images[0].boxes, [[10, 10, 40, 30], [40, 20, 60, 30]]
+    )
+    (root / "labels" / "a.txt").write_text("0 0.1 0.2 0.4 0.2 0.4 0.6 0.1\n")  # half a point
+    with pytest.raises(DataError, match=r"a\.txt:1: expected 'class cx cy w h' \(or a polygon"):
+        read_yolo(root)
+    # a byte-order mark (UTF-8 or UTF-16, as Windows editors write) is text; binary is one line
+    (root / "classes.txt").write_bytes("a\nb\n".encode("utf-16"))
+    (root / "labels" / "a.txt").write_bytes("\ufeff1 0.5 0.5 0.2 0.2\n".encode())
+    data = read_yolo(root)
+    assert data.classes == ["a", "b"] and data.images[0].labels.tolist() == [1]
+    (root / "labels" / "a.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00")
+    with pytest.raises(DataError, match=r"a\.txt: not a UTF-8 text file"):
+        read_yolo(root)
+    # a names file that cannot give the class list: one line naming it
+    (root / "labels" / "a.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    (root / "classes.txt").unlink()
+    for text, problem in (
+        ("names: [a, b\n", r"data\.yaml: invalid YAML at line 2"),
+        (
+            "names: {0: a, 2: b}\n",
+            r"data\.yaml: names: the mapping's keys must be the class indices 0\.\.1",
+        ),
+        ("names: {0: a, '1': b}\n", r"the mapping's keys must be the class indices"),
+        ("names: 7\n", r"data\.yaml: names must be a list of strings"),
+    ):
+        (root / "data.yaml").write_text(text)
+        with pytest.raises(DataError, match=problem):
+            read_yolo(root)
+    (root / "data.yaml").write_text("names: {1: b, 0: a}\n")
+    assert read_yolo(root).classes == ["a", "b"]

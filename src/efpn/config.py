@@ -315,9 +315,15 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     if path is not None:
         path = Path(path)
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
         except FileNotFoundError:
             raise ValueError(f"{path}: config not found") from None
+        except IsADirectoryError:
+            raise ValueError(f"{path}: is a folder, not a recipe file") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})"
+            ) from None
         except yaml.YAMLError as e:
             detail = " ".join(str(e).split())  # one line
             raise ValueError(

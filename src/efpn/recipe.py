@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from .config import Config, apply_overrides, config_from_dict
 from .data.records import DataError
@@ -38,10 +37,9 @@ def read_dataset_yaml(path: Path) -> dict[str, Any]:
     (``images/<split>`` folders under it) and ``names`` (a list, or a mapping from class
     index). Lists of image files and URLs are not supported and say so.
     """
-    try:
-        d = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise DataError(f"{path}: invalid YAML: {e}") from None
+    from .data.formats import class_names_of, load_yaml
+
+    d = load_yaml(path) or {}
     if not isinstance(d, dict) or "train" not in d:
         raise DataError(
             f"{path}: a dataset YAML needs at least 'train' (and 'path', 'val', 'names')"
@@ -62,12 +60,8 @@ def read_dataset_yaml(path: Path) -> dict[str, Any]:
         raise DataError(f"{path}: {key}: expected images/<split> under 'path', got {value!r}")
 
     names = d.get("names")
-    if isinstance(names, dict):
-        names = [names[k] for k in sorted(names)]
-    if names is not None and not (
-        isinstance(names, list) and all(isinstance(n, str) for n in names)
-    ):
-        raise DataError(f"{path}: names must be a list of strings or a mapping index -> name")
+    if names is not None:
+        names = class_names_of(names, path)
     if names is not None and any("," in n for n in names):
         raise DataError(f"{path}: class names may not contain ','")
     train_split, val_split = split_of("train"), split_of("val")
@@ -107,9 +101,9 @@ def _data_section(data: str | Path) -> dict[str, Any]:
 
 def _yolo_has_split(path: Path) -> bool:
     if (path / "splits.json").exists():
-        import json
+        from .data.formats import load_json
 
-        splits = json.loads((path / "splits.json").read_text())
+        splits = load_json(path / "splits.json")
         return isinstance(splits, dict) and "train" in splits and "val" in splits
     return (path / "images" / "train").is_dir() and (path / "images" / "val").is_dir()
 

@@ -118,11 +118,9 @@ def _reader_kwargs(fmt: str, args) -> dict:
             kw["classes"] = args.classes
         kw["keep_other"] = getattr(args, "keep_other", False)
     if fmt in ("voc", "dota") and getattr(args, "classes", None):
-        from pathlib import Path
+        from ..data.records import read_text
 
-        kw["classes"] = [
-            ln.strip() for ln in Path(args.classes).read_text().splitlines() if ln.strip()
-        ]
+        kw["classes"] = [ln.strip() for ln in read_text(args.classes).splitlines() if ln.strip()]
     if fmt == "coco":
         kw.pop("split", None)
     return kw
@@ -398,7 +396,9 @@ def _cmd_eval(args) -> int:
     elif args.classes == "all":
         classes = None
     else:
-        classes = [ln.strip() for ln in Path(args.classes).read_text().splitlines() if ln.strip()]
+        from ..data.records import read_text
+
+        classes = [ln.strip() for ln in read_text(args.classes).splitlines() if ln.strip()]
     min_score = 40.0 if args.min_score is None else args.min_score
     res = evaluate_tt100k_bins(gt, dets, iou=args.iou, classes=classes, min_score=min_score)
     order = ["overall", "small", "medium", "large"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .formats import IMAGE_SUFFIXES, _finish, _image_size
-from .records import DataError, DetectionData, ImageRecord
+from .records import DataError, DetectionData, ImageRecord, read_text
 
 __all__ = ["DOTA_CLASSES", "VISDRONE_CLASSES", "read_dota", "read_visdrone"]
 
@@ -105,7 +105,7 @@ def read_dota(
             continue
         w, h = _image_size(image, str(label_path))
         boxes, labels, ignore, ignore_labels = [], [], [], []
-        for ln, line in enumerate(label_path.read_text().splitlines(), 1):
+        for ln, line in enumerate(read_text(label_path).splitlines(), 1):
             parts = line.split()
             if not parts or (len(parts) == 1 and ":" in parts[0]):
                 continue  # blank, or a header (imagesource:..., gsd:...)
@@ -164,7 +164,7 @@ def read_visdrone(root: str | Path, split: str | None = None) -> DetectionData:
         w, h = _image_size(image, str(ann_path))
         boxes, labels, ignore, ignore_labels = [], [], [], []
         trunc, occl = [], []
-        for ln, line in enumerate(ann_path.read_text().splitlines(), 1):
+        for ln, line in enumerate(read_text(ann_path).splitlines(), 1):
             line = line.strip().rstrip(",")
             if not line:
                 continue

@@ -12,7 +12,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .records import DataError, DetectionData, ImageRecord, resolve_inside, sanitize_boxes
+from .records import (
+    DataError,
+    DetectionData,
+    ImageRecord,
+    read_text,
+    resolve_inside,
+    sanitize_boxes,
+)
 
 __all__ = [
     "FORMATS",
@@ -40,14 +47,44 @@ TT100K_45 = (
 ).split()
 
 
+def load_yaml(path: str | Path):
+    """yaml.safe_load with a one-line error naming the file and the position."""
+    import yaml
+
+    try:
+        return yaml.safe_load(read_text(path))
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1} column {where.column + 1}" if where else ""
+        raise DataError(f"{path}: invalid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+
+
+def class_names_of(names, source) -> list[str]:
+    """The class list of a dataset YAML's ``names``: a list of strings, or a mapping
+    from the class index 0..K-1 to its name (Ultralytics)."""
+    if isinstance(names, dict):
+        keys = list(names)
+        if sorted(keys, key=str) != sorted(range(len(keys)), key=str) or not all(
+            isinstance(k, int) for k in keys
+        ):
+            raise DataError(
+                f"{source}: names: the mapping's keys must be the class indices 0..{len(keys) - 1}, "
+                f"got {keys[:6]}"
+            )
+        names = [names[k] for k in range(len(keys))]
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        raise DataError(
+            f"{source}: names must be a list of strings or a mapping index -> name, got "
+            f"{str(names)[:60]!r}"
+        )
+    return names
+
+
 def load_json(path: str | Path):
     """json.load with a one-line error naming the file and the position."""
     path = Path(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
+        return json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise DataError(
             f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"
@@ -299,16 +336,12 @@ def write_coco(
 def _read_class_names(root: Path) -> list[str]:
     for name in ("classes.txt", "obj.names", "names.txt"):
         if (root / name).exists():
-            return [line.strip() for line in (root / name).read_text().splitlines() if line.strip()]
+            return [line.strip() for line in read_text(root / name).splitlines() if line.strip()]
     for name in ("data.yaml", "dataset.yaml"):
         if (root / name).exists():
-            import yaml
-
-            names = yaml.safe_load((root / name).read_text()).get("names")
-            if isinstance(names, dict):
-                return [names[k] for k in sorted(names)]
-            if isinstance(names, list):
-                return [str(n) for n in names]
+            d = load_yaml(root / name)
+            if isinstance(d, dict) and d.get("names") is not None:
+                return class_names_of(d["names"], root / name)
     raise DataError(
         f"{root}: no class-names file (classes.txt, obj.names or data.yaml with 'names')"
     )
@@ -339,6 +372,7 @@ def read_yolo(
             p.relative_to(root) for p in base.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
         )
     records = []
+    polygons = 0
     for idx, rel in enumerate(files):
         path = resolve_inside(root, rel.as_posix(), str(root))
         w, h = _image_size(path, str(root))
@@ -346,28 +380,38 @@ def read_yolo(
         label_path = root / label_rel
         boxes, labels = [], []
         if label_path.exists():
-            for ln, line in enumerate(label_path.read_text().splitlines(), 1):
+            text = read_text(label_path)
+            for ln, line in enumerate(text.splitlines(), 1):
                 parts = line.split()
                 if not parts:
                     continue
                 try:
-                    if len(parts) != 5:  # 6 fields is a prediction with a score, not a label
+                    # 5 fields: a box; 7, 9, ...: an Ultralytics segmentation polygon
+                    # (class x1 y1 x2 y2 ...), read as its bounding box; 6 fields is a
+                    # prediction with a score, not a label
+                    if len(parts) != 5 and (len(parts) < 7 or len(parts) % 2 == 0):
                         raise ValueError
                     c = int(parts[0])
-                    cx, cy, bw, bh = (float(v) for v in parts[1:5])
-                    if not all(math.isfinite(v) for v in (cx, cy, bw, bh)):
+                    values = [float(v) for v in parts[1:]]
+                    if not all(math.isfinite(v) for v in values):
                         raise ValueError
                 except ValueError:
                     raise DataError(
-                        f"{label_path}:{ln}: expected 'class cx cy w h', got {line.strip()!r}"
+                        f"{label_path}:{ln}: expected 'class cx cy w h' (or a polygon 'class "
+                        f"x1 y1 x2 y2 x3 y3 ...'), got {line.strip()[:80]!r}"
                     ) from None
                 if not 0 <= c < len(classes):
                     raise DataError(
                         f"{label_path}:{ln}: class {c} is not declared ({len(classes)} classes)"
                     )
-                boxes.append(
-                    [(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h]
-                )
+                if len(values) == 4:
+                    cx, cy, bw, bh = values
+                    box = [cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2]
+                else:
+                    xs, ys = values[0::2], values[1::2]
+                    box = [min(xs), min(ys), max(xs), max(ys)]
+                    polygons += 1
+                boxes.append([box[0] * w, box[1] * h, box[2] * w, box[3] * h])
                 labels.append(c)
         records.append(
             ImageRecord(
@@ -378,6 +422,12 @@ def read_yolo(
                 np.asarray(labels, dtype=np.int64),
                 idx + 1,
             )
+        )
+    if polygons:
+        import logging
+
+        logging.getLogger("efpn.data").info(
+            f"{root}: {polygons} polygon label(s) (YOLO segmentation) read as their bounding boxes"
         )
     if split is None and (root / "labels").is_dir():
         stems = {Path(*rel.parts[1:]).with_suffix("").as_posix() for rel in files}
@@ -453,7 +503,7 @@ def read_voc(
             raise DataError(f"{root}: no split file {ids_file}")
         xmls = [
             ann_dir / f"{line.split()[0]}.xml"
-            for line in ids_file.read_text().splitlines()
+            for line in read_text(ids_file).splitlines()
             if line.strip()
         ]
     else:
@@ -529,7 +579,7 @@ def read_voc(
 def _voc_classes(root: Path, ann_dir: Path) -> list[str]:
     for name in ("classes.txt", "labels.txt"):
         if (root / name).exists():
-            return [ln.strip() for ln in (root / name).read_text().splitlines() if ln.strip()]
+            return [ln.strip() for ln in read_text(root / name).splitlines() if ln.strip()]
     names = set()
     for x in sorted(ann_dir.glob("*.xml")):
         try:

@@ -8,13 +8,37 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DataError", "DetectionData", "ImageRecord", "resolve_inside", "sanitize_boxes"]
+__all__ = [
+    "DataError",
+    "DetectionData",
+    "ImageRecord",
+    "read_text",
+    "resolve_inside",
+    "sanitize_boxes",
+]
 
 log = logging.getLogger("efpn.data")
 
 
 class DataError(ValueError):
     """Bad input data; the message names the file and the entry."""
+
+
+def read_text(path: str | Path) -> str:
+    """A text file's content (UTF-8, or UTF-16 with its byte-order mark, as Windows
+    editors save "Unicode"), with a one-line error naming the file when it is absent or
+    not text."""
+    try:
+        raw = Path(path).read_bytes()
+        if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+            return raw.decode("utf-16")
+        return raw.decode("utf-8-sig")
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, not a file") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
 
 
 @dataclass
