@@ -648,3 +648,53 @@ def test_yolo_polygons_encodings_and_bad_names_files(tmp_path):
             read_yolo(root)
     (root / "data.yaml").write_text("names: {1: b, 0: a}\n")
     assert read_yolo(root).classes == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        (
+            {"images": [{"id": "img_a", "file_name": "a.png", "width": 64, "height": 48}]},
+            r"image 'a\.png': id must be a whole number \(COCO\), got 'img_a'",
+        ),
+        (
+            {"images": [{"id": 1.5, "file_name": "a.png", "width": 64, "height": 48}]},
+            r"image 'a\.png': id must be a whole number",
+        ),
+        (
+            {"categories": [{"id": 1, "name": "car"}, {"id": 1, "name": "bus"}]},
+            r"category id 1 appears twice \('car' and 'bus'\)",
+        ),
+        (
+            {"categories": [{"id": "car", "name": "car"}, {"id": 2, "name": "bus"}]},
+            r"category 'car': id must be a whole number",
+        ),
+        (
+            {
+                "annotations": [
+                    {"id": 7, "image_id": 1, "category_id": 1, "bbox": [1, 1, 9, 9], "iscrowd": "0"}
+                ]
+            },
+            r"annotation 7: iscrowd must be 0 or 1, got '0'",
+        ),
+    ],
+)
+def test_coco_ids_and_crowd_flags_are_checked(tmp_path, change, problem):
+    Image.new("RGB", (64, 48)).save(tmp_path / "a.png")
+    gt = {
+        "images": [{"id": 1, "file_name": "a.png", "width": 64, "height": 48}],
+        "annotations": [{"id": 7, "image_id": 1, "category_id": 1, "bbox": [1, 1, 9, 9]}],
+        "categories": [{"id": 1, "name": "car"}],
+        **change,
+    }
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    with pytest.raises(DataError, match=r"gt\.json: " + problem):
+        read_coco(tmp_path / "gt.json")
+    gt["images"] = [{"id": 1.0, "file_name": "a.png", "width": 64, "height": 48}]
+    gt["annotations"] = [
+        {"id": 7, "image_id": 1, "category_id": 1, "bbox": [1, 1, 9, 9], "iscrowd": False}
+    ]
+    gt["categories"] = [{"id": 1, "name": "car"}]
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    data = read_coco(tmp_path / "gt.json")  # 1.0 is a whole number; false is not a crowd
+    assert data.images[0].image_id == 1 and len(data.images[0].boxes) == 1

@@ -118,6 +118,11 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _is_int_id(v) -> bool:
+    """A COCO id: a whole number (``3`` or ``3.0``), not a string or a bool."""
+    return _is_number(v) and float(v).is_integer()
+
+
 def read_coco(ann_file: str | Path, image_root: str | Path | None = None) -> DetectionData:
     """Read a COCO detection JSON; image paths are relative to ``image_root``
     (default: the JSON's folder). Crowd annotations become ignore regions. Every entry
@@ -130,9 +135,27 @@ def read_coco(ann_file: str | Path, image_root: str | Path | None = None) -> Det
     for key in ("images", "categories", "annotations"):
         if not isinstance(d.get(key, []), list):
             raise DataError(f"{src}: '{key}' must be a list")
+    seen_cats: dict[int, str] = {}
     for i, c in enumerate(d["categories"]):
         if not isinstance(c, dict) or "id" not in c or not isinstance(c.get("name"), str):
             raise DataError(f"{src}: category {i} needs an 'id' and a 'name'")
+        if not _is_int_id(c["id"]):
+            raise DataError(
+                f"{src}: category {c['name']!r}: id must be a whole number, got {c['id']!r}"
+            )
+        if int(c["id"]) in seen_cats:
+            raise DataError(
+                f"{src}: category id {c['id']} appears twice ({seen_cats[int(c['id'])]!r} and {c['name']!r})"
+            )
+        seen_cats[int(c["id"])] = c["name"]
+    repeated = sorted({n for n in seen_cats.values() if list(seen_cats.values()).count(n) > 1})
+    if repeated:
+        import logging
+
+        logging.getLogger("efpn.data").warning(
+            f"{src}: class name(s) {', '.join(map(repr, repeated))} belong to more than one "
+            f"category id; they are kept apart, but selecting classes by name takes them all"
+        )
     root = Path(image_root) if image_root is not None else ann_file.parent
     cats = sorted(d["categories"], key=lambda c: c["id"])
     cat_index = {c["id"]: i for i, c in enumerate(cats)}
@@ -141,6 +164,11 @@ def read_coco(ann_file: str | Path, image_root: str | Path | None = None) -> Det
     for i, entry in enumerate(d["images"]):
         if not isinstance(entry, dict):
             raise DataError(f"{src}: image entry {i} is not an object")
+        if "id" in entry and not _is_int_id(entry["id"]):
+            raise DataError(
+                f"{src}: image {entry.get('file_name')!r}: id must be a whole number (COCO), "
+                f"got {entry['id']!r}"
+            )
         if entry.get("id") in images:
             raise DataError(
                 f"{src}: image id {entry['id']} appears twice (the second is {entry.get('file_name')!r})"
@@ -182,7 +210,10 @@ def read_coco(ann_file: str | Path, image_root: str | Path | None = None) -> Det
                 f"{src}: annotation {aid}: bbox must be 4 finite numbers [x, y, w, h], got {bbox!r}"
             )
         x, y, w, h = (float(v) for v in bbox)
-        if ann.get("iscrowd", 0):  # kept as an ignore region of its class
+        crowd_flag = ann.get("iscrowd", 0)
+        if crowd_flag not in (0, 1):  # True/False compare equal to 1/0; "0" does not
+            raise DataError(f"{src}: annotation {aid}: iscrowd must be 0 or 1, got {crowd_flag!r}")
+        if crowd_flag:  # kept as an ignore region of its class
             crowd += 1
             crowd_boxes[ann["image_id"]].append([x, y, x + w, y + h])
             crowd_labels[ann["image_id"]].append(cat_index[ann["category_id"]])
