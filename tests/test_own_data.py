@@ -1,6 +1,7 @@
 """`efpn train --data`: one line on a user's own YOLO, VOC or COCO folder."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -272,3 +273,48 @@ def test_a_named_val_set_replaces_the_holdout_and_a_contradiction_is_refused(tmp
     assert load_config(recipe).data.val == str(val_json)
     with pytest.raises(ValueError, match=r"r\.yaml: data\.val .* would go unused"):
         load_config(recipe, {"data.val_fraction": 0.1})
+
+
+def test_splits_that_cannot_train_or_select_are_refused_in_one_line(tmp_path, capsys):
+    from efpn.engine.premise import premise_message
+
+    def yolo(name, labels):
+        root = tmp_path / name
+        (root / "labels").mkdir(parents=True)
+        (root / "classes.txt").write_text("car\nbus\n")
+        for i, text in enumerate(labels):
+            _scene(root / "images" / f"{i}.png", [])
+            (root / "labels" / f"{i}.txt").write_text(text)
+        return root
+
+    box = "0 0.5 0.5 0.2 0.2\n"
+    cases = [
+        (yolo("one", [box]), [], r"the val set is empty \(1 training image"),
+        (yolo("unlabelled", ["", "", "", ""]), [], r"none of the 3 training images has a box"),
+        (
+            yolo("bus_only", ["1 0.5 0.5 0.2 0.2\n"] * 4),
+            ["data.eval_classes=car"],
+            r"none of the 1 val images has a box of car",
+        ),
+    ]
+    for root, extra, problem in cases:
+        code = main(
+            [
+                "train",
+                "--data",
+                str(root),
+                "--imgsz",
+                "64",
+                "--epochs",
+                "1",
+                "--out",
+                str(tmp_path / "runs" / root.name),
+                *extra,
+            ]
+        )
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and re.search(problem, err[0]), err
+        assert not (tmp_path / "runs" / root.name / "stage1").exists()
+    # a val set with no small object: the premise says it cannot be checked
+    line, holds = premise_message({"AP_small": -1.0}, {"AP_small": -1.0}, 64)
+    assert "cannot be checked at 64 px: val holds no small object" in line and not holds

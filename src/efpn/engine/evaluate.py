@@ -21,6 +21,7 @@ from ..metrics import (
     evaluate_tt100k_bins,
     to_coco_results,
 )
+from ..metrics.tt100k import evaluate_tt100k
 from . import distributed as dist_utils
 
 __all__ = [
@@ -168,7 +169,13 @@ def only_classes(gt: dict, results: list[dict], names: list[str]) -> tuple[dict,
 
 
 def best_f1(gt_tt: dict, res_tt: dict, size_range, classes=None, steps: int = 50) -> dict:
-    """The F1 maximum over the accuracy-recall sweep, with its threshold."""
+    """The F1 maximum over the accuracy-recall sweep, with its threshold; ``-1`` (COCO's
+    mark for undefined) when no ground-truth object falls in ``size_range``."""
+    present = evaluate_tt100k(
+        gt_tt, res_tt, size_range=size_range, keep_lists=False, classes=classes
+    ).ground_truth
+    if not present:
+        return {"f1": -1.0, "threshold": None, "accuracy": -1.0, "recall": -1.0}
     curve = accuracy_recall_curve(
         gt_tt, res_tt, size_range=size_range, steps=steps, monotone=False, classes=classes
     )

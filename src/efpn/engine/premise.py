@@ -41,6 +41,12 @@ def premise_message(
         at1, at2 = f"{resize_scale:g}x native", f"{2 * resize_scale:g}x native"
     else:
         at1, at2 = f"{size} px", f"{2 * size} px"
+    if a1 < 0:  # COCO's -1: no small object in val at 1x
+        return (
+            f"premise: cannot be checked at {at1}: val holds no small object (under 32x32 px), "
+            f"so AP_small is undefined; EFPN's extra level is for small objects",
+            False,
+        )
     line = (
         f"premise: FPN AP_small {a1:.3f} at {at1} (1x), {a2:.3f} at {at2} (2x), "
         f"{100 * (a2 - a1):+.1f} points: " + ("holds" if holds else "does NOT hold")
@@ -94,6 +100,6 @@ def check_premise(
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "premise.json").write_text(json.dumps(record, indent=1))
     print(line, flush=True)
-    if not holds:
+    if not holds and runs["fpn_1x"]["AP_small"] >= 0:
         print(f"warning: {ADVICE}", file=sys.stderr, flush=True)
     return {**runs, "holds": holds, "message": line}

@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from torch import nn
@@ -95,6 +96,32 @@ def load_data(cfg: Config, root: Path | None = None) -> tuple[DetectionData, Det
                 )
             data.eval_classes = names
     return train, val
+
+
+def check_splits(train: DetectionData, val: DetectionData) -> None:
+    """Refuse splits that cannot train or select a checkpoint: no training image, no box
+    to learn from, an empty val set or one without a box of the evaluated classes."""
+    if not train.images:
+        raise DataError(f"{train.source}: no training images")
+    if not train.num_boxes():
+        raise DataError(
+            f"{train.source}: none of the {len(train.images)} training images has a box; "
+            f"nothing to learn (for YOLO, labels/ must mirror images/)"
+        )
+    if not val.images:
+        raise DataError(
+            f"{val.source}: the val set is empty ({len(train.images)} training image(s)); "
+            f"add images or name a val set with data.val=PATH"
+        )
+    counted = [
+        i for i, c in enumerate(val.classes) if val.eval_classes is None or c in val.eval_classes
+    ]
+    if not any(np.isin(r.labels, counted).any() for r in val.images):
+        raise DataError(
+            f"{val.source}: none of the {len(val.images)} val images has a box"
+            + (f" of {', '.join(val.eval_classes)}" if val.eval_classes is not None else "")
+            + "; AP is undefined, so no epoch can be chosen as best.pt"
+        )
 
 
 def advance_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
@@ -386,6 +413,7 @@ class Trainer:
         if data is None:
             data = load_data(cfg, self.out.parent if cfg.data.format == "synth" else None)
         self.train_data, self.val_data = data
+        check_splits(self.train_data, self.val_data)
         self.classes = list(self.train_data.classes)
         self.premise: dict | None = None
         if dist_utils.is_main():
