@@ -302,6 +302,22 @@ def test_predict_and_val_sliced(trained_run, tmp_path, capsys):
     sliced = json.loads(capsys.readouterr().out)
     assert 0 <= sliced["AP"] <= 1 and sliced["seconds_per_image"] > 0
     assert main([*vargs, "--slice", "0"]) == 2  # a bad slice size is a one-line error
+    capsys.readouterr()
+    # tile settings without --slice would be ignored: refused instead, on both commands
+    for command in (vargs, [*args, "--quiet"]):
+        assert main([*command, "--overlap", "0.3", "--full-image"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (
+            "efpn: error: --overlap, --full-image set without --slice: tile settings apply "
+            "only to sliced prediction; add --slice PX (the tile size)"
+        )
+    # a score threshold outside [0, 1] would keep every box or none; --conf is predict's
+    # Ultralytics spelling of --score-thresh
+    for bad in ("2", "nan", "-0.1"):
+        with pytest.raises(SystemExit):
+            main([*args, "--conf", bad])
+        assert "expected a score in [0, 1]" in capsys.readouterr().err
+    assert main([*args, "--conf", "1", "--quiet"]) == 0
 
 
 def test_val_takes_inference_overrides_only(trained_run, capsys):

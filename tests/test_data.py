@@ -698,3 +698,14 @@ def test_coco_ids_and_crowd_flags_are_checked(tmp_path, change, problem):
     (tmp_path / "gt.json").write_text(json.dumps(gt))
     data = read_coco(tmp_path / "gt.json")  # 1.0 is a whole number; false is not a crowd
     assert data.images[0].image_id == 1 and len(data.images[0].boxes) == 1
+
+
+def test_synth_refuses_counts_and_sizes_it_cannot_render(tmp_path, capsys):
+    for args, problem in (
+        (["--train", "-1", "--val", "1"], "--train and --val must be 0 or more"),
+        (["--train", "0", "--val", "0"], "together 1 or more"),
+        (["--size", "8"], "--size must be 32 pixels or more"),
+    ):
+        assert main(["data", "synth", "--out", str(tmp_path / "s"), *args]) == 2
+        assert problem in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()

@@ -126,6 +126,9 @@ def test_a_mismatch_is_refused_and_no_file_is_left(tmp_path, monkeypatch):
     with pytest.raises(ExportMismatch, match="disagree on a 128x128 SynthSigns image"):
         export_onnx(model, tmp_path / "m.onnx", classes=CLASSES, size=128)
     assert not list(tmp_path.iterdir())
+    # a size of 0 is a mistake, not the default (the recipe's max_size)
+    with pytest.raises(ValueError, match="--size 0: at least 32 pixels"):
+        export_onnx(model, tmp_path / "m.onnx", classes=CLASSES, size=0)
 
 
 def test_compare_detections():

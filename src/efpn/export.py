@@ -195,7 +195,7 @@ def export_onnx(
     require_onnx()
     if opset < 11:
         raise ValueError(f"--opset {opset}: the detector needs opset 11 or later")
-    size = int(size or model.transform.max_size)
+    size = int(model.transform.max_size if size is None else size)
     if size < 32:
         raise ValueError(f"--size {size}: at least 32 pixels")
     path = Path(path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 from ..config import P2X_MODES
 
 
@@ -142,7 +144,10 @@ def _add_val(sub) -> None:
         help="YAML recipe whose val split to use (default: the checkpoint's)",
     )
     p.add_argument(
-        "--score-thresh", type=float, default=0.5, help="threshold of the TT100K-style figures"
+        "--score-thresh",
+        type=score_value,
+        default=0.5,
+        help="score threshold of the TT100K-style figures (0.5)",
     )
     p.add_argument(
         "--scale", type=float, default=1.0, help="test at this input scale (2 = the paper's FPN-2x)"
@@ -210,6 +215,7 @@ def _cmd_val(args) -> int:
         )
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be 1 or more, got {args.batch_size}")
+    slicing = _slicing(args)
     model, ckpt = detector_from_file(args.weights, **overrides)
     if args.data:
         cfg = load_config(args.data)
@@ -226,14 +232,7 @@ def _cmd_val(args) -> int:
         score_thresh=args.score_thresh,
         size_reference=args.size_reference or cfg.eval_size_reference,
         quiet=args.quiet,
-        slicing=None
-        if args.slice is None
-        else {
-            "slice_size": args.slice,
-            "overlap": args.overlap,
-            "merge": args.merge,
-            "full_image": args.full_image,
-        },
+        slicing=slicing,
     )
     results = m.pop("_results", [])
     if args.save:
@@ -281,7 +280,13 @@ def _add_predict(sub) -> None:
     p.add_argument(
         "--batch-size", "--batch", type=int, default=4, help="images (or tiles) per forward pass"
     )
-    p.add_argument("--score-thresh", type=float, default=0.5, help="boxes drawn from this score")
+    p.add_argument(
+        "--score-thresh",
+        "--conf",
+        type=score_value,
+        default=0.5,
+        help="boxes drawn from this score (0.5)",
+    )
     p.add_argument(
         "--compare",
         default=None,
@@ -293,6 +298,17 @@ def _add_predict(sub) -> None:
     p.set_defaults(func=_cmd_predict)
 
 
+def score_value(text: str) -> float:
+    """argparse type of a detection score threshold: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a score in [0, 1], got {text!r}")
+    return value
+
+
 def _add_slice_args(p) -> None:
     p.add_argument(
         "--slice",
@@ -301,18 +317,47 @@ def _add_slice_args(p) -> None:
         metavar="PX",
         help="detect huge images in overlapping tiles of this many pixels",
     )
-    p.add_argument("--overlap", type=float, default=0.2, help="tile overlap fraction (0.2)")
+    p.add_argument("--overlap", type=float, default=None, help="tile overlap fraction (0.2)")
     p.add_argument(
         "--merge",
-        default="nms",
+        default=None,
         choices=["nms", "nmm"],
-        help="merge across tiles: NMS, or NMM (intersection over the smaller box)",
+        help="merge across tiles: NMS (default), or NMM (intersection over the smaller box)",
     )
     p.add_argument(
         "--full-image",
         action="store_true",
         help="also run the whole image once, for objects larger than a tile",
     )
+
+
+def _slicing(args) -> dict | None:
+    """The sliced-prediction settings, or ``None`` without ``--slice``; tile settings
+    without it are refused rather than silently ignored."""
+    if args.slice is None:
+        given = [
+            flag
+            for flag, value in (
+                ("--overlap", args.overlap),
+                ("--merge", args.merge),
+                ("--full-image", args.full_image or None),
+            )
+            if value is not None
+        ]
+        if given:
+            raise ValueError(
+                f"{', '.join(given)} set without --slice: tile settings apply only to sliced "
+                "prediction; add --slice PX (the tile size)"
+            )
+        return None
+    if args.slice < 1:
+        raise ValueError(f"--slice must be a tile size of 1 pixel or more, got {args.slice}")
+    return {
+        "slice_size": args.slice,
+        "overlap": 0.2 if args.overlap is None else args.overlap,
+        "merge": args.merge or "nms",
+        "full_image": args.full_image,
+    }
 
 
 def _cmd_predict(args) -> int:
@@ -326,10 +371,7 @@ def _cmd_predict(args) -> int:
         score_thresh=args.score_thresh,
         compare=args.compare,
         quiet=args.quiet,
-        slice_size=args.slice,
-        overlap=args.overlap,
-        merge=args.merge,
-        full_image=args.full_image,
+        **(_slicing(args) or {}),
         model_overrides=inference_overrides(override_pairs(args), "predict"),
     )
     if not args.quiet:

@@ -243,6 +243,14 @@ def generate(
 
     The same arguments give the same bytes. Returns the JSON path of each split.
     """
+    if train < 0 or val < 0 or train + val < 1:
+        raise ValueError(
+            f"--train and --val must be 0 or more, together 1 or more; got {train} and {val}"
+        )
+    if size < 32:
+        raise ValueError(
+            f"--size must be 32 pixels or more (a sign spans up to a fifth of it), got {size}"
+        )
     out = Path(out)
     paths = {}
     for split_idx, (split, count) in enumerate((("train", train), ("val", val))):
