@@ -25,7 +25,7 @@ def _dota(root, text, name="P0001"):
 def test_dota_quadrilaterals_headers_and_difficult(tmp_path):
     _dota(
         tmp_path,
-        "imagesource:GoogleEarth\ngsd:0.146\n"
+        "imagesource: GoogleEarth\ngsd: 0.146\n"  # some tools write a space after the colon
         "10 10 30 12 28 40 8 38 small-vehicle 0\n"
         "50 50 70 50 70 60 50 60 plane 1\n"
         "100 20 120 20 120 30 100 30 ship\n",

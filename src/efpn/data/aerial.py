@@ -107,8 +107,8 @@ def read_dota(
         boxes, labels, ignore, ignore_labels = [], [], [], []
         for ln, line in enumerate(read_text(label_path).splitlines(), 1):
             parts = line.split()
-            if not parts or (len(parts) == 1 and ":" in parts[0]):
-                continue  # blank, or a header (imagesource:..., gsd:...)
+            if not parts or ":" in parts[0]:
+                continue  # blank, or a header (imagesource:..., gsd:..., "gsd: 0.15")
             if len(parts) not in (9, 10):
                 raise DataError(
                     f"{label_path}:{ln}: expected 'x1 y1 x2 y2 x3 y3 x4 y4 category [difficult]', got {line.strip()!r}"
