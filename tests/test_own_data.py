@@ -318,3 +318,37 @@ def test_splits_that_cannot_train_or_select_are_refused_in_one_line(tmp_path, ca
     # a val set with no small object: the premise says it cannot be checked
     line, holds = premise_message({"AP_small": -1.0}, {"AP_small": -1.0}, 64)
     assert "cannot be checked at 64 px: val holds no small object" in line and not holds
+
+
+def test_a_roboflow_export_trains_and_reads_as_it_is(tmp_path, capsys):
+    """Roboflow's YOLO export: data.yaml next to train/, valid/, test/, each with images/
+    and labels/, and split paths written as ../train/images."""
+    from efpn.data import read_dataset
+    from efpn.recipe import recipe_from_data
+
+    root = tmp_path / "rf"
+    for split, n in (("train", 3), ("valid", 2), ("test", 1)):
+        for i in range(n):
+            _scene(root / split / "images" / f"{split}{i}.jpg", [(8, 8, 30, 30)])
+            (root / split / "labels").mkdir(parents=True, exist_ok=True)
+            (root / split / "labels" / f"{split}{i}.txt").write_text("1 0.3 0.3 0.34 0.34\n")
+    (root / "data.yaml").write_text(
+        "train: ../train/images\nval: ../valid/images\ntest: ../test/images\n\n"
+        "nc: 2\nnames: ['sign', 'light']\n\nroboflow:\n  workspace: w\n  version: 1\n"
+    )
+    for data in (root / "data.yaml", root):  # the YAML, or the folder that holds it
+        cfg, lines = recipe_from_data(data, imgsz=64)
+        assert (cfg.data.train, cfg.data.val) == (str(root / "train"), str(root / "valid"))
+        assert cfg.data.val_fraction == 0 and cfg.data.classes == "sign,light"
+        assert "3 train / 2 val images" in lines[0]
+    got = {s: read_dataset(root, split=s) for s in (None, "val", "test")}
+    assert [len(d.images) for d in got.values()] == [3, 2, 1]
+    assert got["test"].classes == ["sign", "light"] and got["test"].images[0].labels.tolist() == [1]
+    assert main(["data", "stats", str(root), "--split", "valid"]) == 2
+    assert "no split 'valid' (has train, val, test)" in capsys.readouterr().err
+    # a split may not leave the dataset root
+    (root / "data.yaml").write_text("train: ../../elsewhere/images\nnames: [a]\n")
+    with pytest.raises(
+        ValueError, match=r"train: '\.\./\.\./elsewhere/images' leaves the dataset root"
+    ):
+        recipe_from_data(root, imgsz=64)

@@ -20,7 +20,7 @@ import numpy as np
 from .config import Config, apply_overrides, config_from_dict
 from .data.records import DataError
 
-__all__ = ["MODELS", "read_dataset_yaml", "recipe_from_data"]
+__all__ = ["MODELS", "recipe_from_data"]
 
 #: widths and training of each ``--model`` (from scratch; see the README for ImageNet)
 MODELS: dict[str, dict[str, Any]] = {
@@ -30,57 +30,13 @@ MODELS: dict[str, dict[str, Any]] = {
 }
 
 
-def read_dataset_yaml(path: Path) -> dict[str, Any]:
-    """The data section of an Ultralytics-style dataset YAML.
-
-    ``path`` (the root, relative to the YAML's folder), ``train`` and ``val``
-    (``images/<split>`` folders under it) and ``names`` (a list, or a mapping from class
-    index). Lists of image files and URLs are not supported and say so.
-    """
-    from .data.formats import class_names_of, load_yaml
-
-    d = load_yaml(path) or {}
-    if not isinstance(d, dict) or "train" not in d:
-        raise DataError(
-            f"{path}: a dataset YAML needs at least 'train' (and 'path', 'val', 'names')"
-        )
-    root = (path.parent / str(d.get("path", "."))).resolve()
-
-    def split_of(key: str) -> str | None:
-        value = d.get(key)
-        if value is None:
-            return None
-        if not isinstance(value, str) or value.endswith(".txt") or "://" in value:
-            raise DataError(
-                f"{path}: {key}: only a folder images/<split> is supported, got {value!r}"
-            )
-        parts = Path(value).parts
-        if len(parts) == 2 and parts[0] == "images":
-            return parts[1]
-        raise DataError(f"{path}: {key}: expected images/<split> under 'path', got {value!r}")
-
-    names = d.get("names")
-    if names is not None:
-        names = class_names_of(names, path)
-    if names is not None and any("," in n for n in names):
-        raise DataError(f"{path}: class names may not contain ','")
-    train_split, val_split = split_of("train"), split_of("val")
-    section: dict[str, Any] = {"format": "yolo", "train": str(root), "val": str(root)}
-    if names is not None:
-        section["classes"] = ",".join(names)
-    section.update(train_split=train_split, val_split=val_split)
-    if val_split is None:
-        section["val_fraction"] = 0.2
-    return section
-
-
 def _data_section(data: str | Path) -> dict[str, Any]:
     """Where the data is and how it is split, for any DATA argument."""
-    from .data.formats import detect_format
+    from .data.formats import dataset_yaml_of, detect_format, read_dataset_yaml
 
     path = Path(data)
-    if path.suffix in (".yaml", ".yml") and path.is_file():
-        return read_dataset_yaml(path)
+    if dataset_yaml_of(path) is not None:
+        return read_dataset_yaml(dataset_yaml_of(path))
     if not path.exists():
         raise DataError(f"{path}: no such dataset folder or file")
     fmt = detect_format(path)

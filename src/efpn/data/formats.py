@@ -697,9 +697,74 @@ def read_tt100k(
 
 
 # ----------------------------------------------------------------------------- dispatch
+def _yaml_splits(path: Path) -> tuple[dict[str, tuple[Path, str | None]], list[str] | None]:
+    """The splits (``train``, and ``val`` and ``test`` where given) of an Ultralytics
+    dataset YAML as ``(YOLO root, split)``, and its class names (``None`` if absent).
+    See :func:`read_dataset_yaml` for the layouts."""
+    d = load_yaml(path) or {}
+    if not isinstance(d, dict) or "train" not in d:
+        raise DataError(
+            f"{path}: a dataset YAML needs at least 'train' (and 'path', 'val', 'names')"
+        )
+    root = (path.parent / str(d.get("path", "."))).resolve()
+
+    def split_of(key: str) -> tuple[Path, str | None]:
+        value = d[key]
+        if not isinstance(value, str) or value.endswith(".txt") or "://" in value:
+            raise DataError(
+                f"{path}: {key}: only a folder of images is supported (images/<split> or "
+                f"<split>/images), got {value!r}"
+            )
+        rel = value[3:] if value.startswith("../") else value
+        folder = (root / rel).resolve()
+        if folder != root and root not in folder.parents:
+            raise DataError(f"{path}: {key}: {value!r} leaves the dataset root {root}")
+        parts = folder.relative_to(root).parts
+        if len(parts) == 2 and parts[0] == "images":
+            return root, parts[1]
+        if parts and parts[-1] == "images":
+            return folder.parent, None
+        raise DataError(
+            f"{path}: {key}: expected images/<split> or <split>/images under {root}, got {value!r}"
+        )
+
+    names = d.get("names")
+    if names is not None:
+        names = class_names_of(names, path)
+        if any("," in n for n in names):
+            raise DataError(f"{path}: class names may not contain ','")
+    splits = {key: split_of(key) for key in ("train", "val", "test") if d.get(key) is not None}
+    return splits, names
+
+
+def read_dataset_yaml(path: str | Path) -> dict:
+    """The data section of a recipe for an Ultralytics-style dataset YAML.
+
+    ``path`` (the root, relative to the YAML's folder), ``train`` and ``val`` (``test``
+    is read by the data commands only), and ``names`` (a list, or a mapping from class
+    index). A split is a folder under the root, in either layout that Ultralytics reads
+    (labels where the last ``images`` of the path becomes ``labels``): ``images/<split>``
+    with ``labels/<split>``, or ``<split>/images`` with ``<split>/labels`` (Roboflow's
+    export, whose ``../train/images`` is read as ``train/images`` under the root, as
+    Ultralytics does). Lists of image files and URLs are not supported and say so; a
+    split may not leave the root. Without ``val``, 20% of train is held out.
+    """
+    splits, names = _yaml_splits(Path(path))
+    train, val = splits["train"], splits.get("val")
+    section: dict = {"format": "yolo", "train": str(train[0]), "val": str((val or train)[0])}
+    if names is not None:
+        section["classes"] = ",".join(names)
+    section.update(train_split=train[1], val_split=val[1] if val else None)
+    if val is None:
+        section["val_fraction"] = 0.2
+    return section
+
+
 def detect_format(path: str | Path) -> str:
     """Guess the format of a dataset path."""
     path = Path(path)
+    if dataset_yaml_of(path) is not None:
+        return "yolo"
     if path.is_file() and path.suffix == ".json":
         d = load_json(path)
         return "tt100k" if isinstance(d, dict) and "imgs" in d else "coco"
@@ -715,8 +780,36 @@ def detect_format(path: str | Path) -> str:
     raise DataError(f"{path}: cannot tell the dataset format; pass --format")
 
 
+def dataset_yaml_of(path: str | Path) -> Path | None:
+    """The Ultralytics dataset YAML that ``path`` names: the file itself, or the
+    ``data.yaml`` of a folder that holds no ``images/`` or ``labels/`` of its own (a
+    Roboflow export: ``data.yaml`` next to ``train/``, ``valid/``, ``test/``)."""
+    path = Path(path)
+    if path.is_file() and path.suffix in (".yaml", ".yml"):
+        return path
+    if path.is_dir() and not (path / "images").is_dir() and not (path / "labels").is_dir():
+        for name in ("data.yaml", "dataset.yaml"):
+            if (path / name).is_file():
+                return path / name
+    return None
+
+
+def _read_dataset_yaml_split(path: Path, split: str | None, **kwargs) -> DetectionData:
+    """One split (``train`` by default, ``val`` or ``test``) of an Ultralytics dataset YAML."""
+    splits, names = _yaml_splits(path)
+    split = split or "train"
+    if split not in splits:
+        raise DataError(f"{path}: no split {split!r} (has {', '.join(splits)})")
+    root, sub = splits[split]
+    return read_yolo(root, split=sub, classes=names, **kwargs)
+
+
 def read_dataset(path: str | Path, fmt: str | None = None, **kwargs) -> DetectionData:
-    """Read any supported format (guessed when ``fmt`` is None)."""
+    """Read any supported format (guessed when ``fmt`` is None); an Ultralytics dataset
+    YAML reads its train split, or ``split="val"``."""
+    yaml_file = dataset_yaml_of(path) if fmt in (None, "yolo") else None
+    if yaml_file is not None:
+        return _read_dataset_yaml_split(yaml_file, kwargs.pop("split", None), **kwargs)
     fmt = fmt or detect_format(path)
     from .aerial import read_dota, read_visdrone
 
