@@ -243,8 +243,9 @@ def test_images_far_larger_than_imgsz_warn_that_objects_shrink_away(tmp_path):
     assert not [ln for ln in lines if ln.startswith("warning:")]
 
 
-def test_a_named_val_set_replaces_the_holdout_and_a_contradiction_is_refused(tmp_path):
+def test_a_named_val_set_replaces_the_holdout_and_a_contradiction_is_refused(tmp_path, monkeypatch):
     from efpn.config import load_config
+    from efpn.data import read_dataset
     from efpn.recipe import recipe_from_data
 
     root = tmp_path / "ds"
@@ -268,6 +269,18 @@ def test_a_named_val_set_replaces_the_holdout_and_a_contradiction_is_refused(tmp
         recipe_from_data(
             train_json, imgsz=64, overrides={"data.val": str(val_json), "data.val_fraction": 0.2}
         )
+    # relative paths are stored absolute, so the run works from any folder; a val set
+    # named by another spelling of DATA is DATA, so the holdout stays
+    monkeypatch.chdir(root)
+    cfg, lines = recipe_from_data(
+        "train/annotations.json", imgsz=64, overrides={"data.val": "./train/annotations.json"}
+    )
+    assert cfg.data.train == cfg.data.val == str(train_json) and cfg.data.val_fraction == 0.2
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(
+        ValueError, match=r"^train/annotations\.json: no such dataset file or folder \(from "
+    ):
+        read_dataset("train/annotations.json")
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"data: {{format: coco, train: {train_json}, val: {val_json}}}\n")
     assert load_config(recipe).data.val == str(val_json)

@@ -40,7 +40,10 @@ def _data_section(data: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise DataError(f"{path}: no such dataset folder or file")
     fmt = detect_format(path)
-    section: dict[str, Any] = {"format": fmt, "train": str(path), "val": str(path)}
+    # absolute, so that the run's recipe (and `efpn val` on its checkpoints) works from
+    # any folder
+    where = str(path.resolve())
+    section: dict[str, Any] = {"format": fmt, "train": where, "val": where}
     has = {
         "yolo": _yolo_has_split(path),
         "voc": (path / "ImageSets" / "Main" / "train.txt").exists()
@@ -167,6 +170,9 @@ def recipe_from_data(
         "checkpoint_every": 100,
     }
     overrides = dict(overrides or {})
+    for key in ("data.train", "data.val", "data.image_root"):
+        if isinstance(overrides.get(key), str) and overrides[key]:
+            overrides[key] = str(Path(overrides[key]).resolve())
     if overrides.get("data.val") not in (None, section["train"]):
         overrides.setdefault("data.val_fraction", 0.0)  # a named val set, not a holdout
     cfg = apply_overrides(config_from_dict(values, f"--data {data}"), overrides, "overrides")

@@ -807,6 +807,8 @@ def _read_dataset_yaml_split(path: Path, split: str | None, **kwargs) -> Detecti
 def read_dataset(path: str | Path, fmt: str | None = None, **kwargs) -> DetectionData:
     """Read any supported format (guessed when ``fmt`` is None); an Ultralytics dataset
     YAML reads its train split, or ``split="val"``."""
+    if not Path(path).exists():
+        raise DataError(f"{path}: no such dataset file or folder (from {Path.cwd()})")
     yaml_file = dataset_yaml_of(path) if fmt in (None, "yolo") else None
     if yaml_file is not None:
         return _read_dataset_yaml_split(yaml_file, kwargs.pop("split", None), **kwargs)
