@@ -709,3 +709,24 @@ def test_synth_refuses_counts_and_sizes_it_cannot_render(tmp_path, capsys):
         assert main(["data", "synth", "--out", str(tmp_path / "s"), *args]) == 2
         assert problem in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_hidden_files_are_left_out_as_shell_globs_and_ultralytics_do(tmp_path):
+    from efpn.data.aerial import read_dota
+
+    # a dataset copied from a Mac carries ._* resource forks with image suffixes
+    root = _yolo_dataset(tmp_path / "y", {"a": "0 0.5 0.5 0.2 0.2\n"})
+    (root / "images" / "._a.png").write_bytes(b"\x00\x05\x16\x07 not an image")
+    (root / "labels" / "._a.txt").write_bytes(b"\x00\x05\x16\x07\xff")
+    (root / "images" / ".thumbs").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "images" / ".thumbs" / "a.png")
+    assert [r.file_name for r in read_yolo(root).images] == ["images/a.png"]
+    dota = tmp_path / "d"
+    (dota / "images").mkdir(parents=True)
+    (dota / "labelTxt").mkdir()
+    Image.new("RGB", (64, 64)).save(dota / "images" / "P1.png")
+    (dota / "labelTxt" / "P1.txt").write_text("1 1 9 1 9 9 1 9 ship 0\n")
+    (dota / "images" / "._P1.png").write_bytes(b"\x00\x05\x16\x07")
+    (dota / "labelTxt" / "._P1.txt").write_bytes(b"\x00\x05\x16\x07\xff")
+    data = read_dota(dota)
+    assert [r.file_name for r in data.images] == ["images/P1.png"] and data.num_boxes() == 1

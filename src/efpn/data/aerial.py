@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .formats import IMAGE_SUFFIXES, _finish, _image_size
+from .formats import IMAGE_SUFFIXES, _finish, _image_size, files_in
 from .records import DataError, DetectionData, ImageRecord, read_text
 
 __all__ = ["DOTA_CLASSES", "VISDRONE_CLASSES", "read_dota", "read_visdrone"]
@@ -63,7 +63,7 @@ def _split_root(root: Path, split: str | None, need: str) -> Path:
 
 
 def _images_by_stem(folder: Path) -> dict[str, Path]:
-    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+    return {p.stem: p for p in files_in(folder, suffixes=IMAGE_SUFFIXES)}
 
 
 def _record(rel, w, h, boxes, labels, ignore, ignore_labels, image_id, attributes=None):
@@ -98,7 +98,7 @@ def read_dota(
     images = _images_by_stem(base / "images")
     records = []
     orphans = 0
-    for label_path in sorted((base / "labelTxt").glob("*.txt")):
+    for label_path in files_in(base / "labelTxt", "*.txt"):
         image = images.get(label_path.stem)
         if image is None:
             orphans += 1
@@ -156,7 +156,7 @@ def read_visdrone(root: str | Path, split: str | None = None) -> DetectionData:
     images = _images_by_stem(base / "images")
     records = []
     orphans = 0
-    for ann_path in sorted((base / "annotations").glob("*.txt")):
+    for ann_path in files_in(base / "annotations", "*.txt"):
         image = images.get(ann_path.stem)
         if image is None:
             orphans += 1

@@ -39,6 +39,23 @@ __all__ = [
 FORMATS = ("coco", "yolo", "voc", "tt100k", "dota", "visdrone")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
+
+def files_in(
+    folder: Path, pattern: str = "*", *, recursive: bool = False, suffixes=None
+) -> list[Path]:
+    """The files under ``folder`` matching ``pattern``, sorted, without hidden ones (a name
+    or folder starting with ``.``: macOS ``._*`` resource forks, ``.cache``), as shell
+    globs and Ultralytics leave them out; ``suffixes`` keeps only those (any case)."""
+    found = folder.rglob(pattern) if recursive else folder.glob(pattern)
+    return sorted(
+        p
+        for p in found
+        if p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        and (suffixes is None or p.suffix.lower() in suffixes)
+    )
+
+
 # The 45 TT100K classes with more than 100 instances, evaluated in every paper.
 TT100K_45 = (
     "i2 i4 i5 il100 il60 il80 io ip p10 p11 p12 p19 p23 p26 p27 p3 p5 p6 pg ph4 ph4.5 ph5 "
@@ -399,9 +416,9 @@ def read_yolo(
         base = img_dir / split if split else img_dir
         if not base.is_dir():
             raise DataError(f"{root}: no split {split!r} (no splits.json and no {base})")
-        files = sorted(
-            p.relative_to(root) for p in base.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
-        )
+        files = [
+            p.relative_to(root) for p in files_in(base, recursive=True, suffixes=IMAGE_SUFFIXES)
+        ]
     records = []
     polygons = 0
     for idx, rel in enumerate(files):
@@ -464,7 +481,7 @@ def read_yolo(
         stems = {Path(*rel.parts[1:]).with_suffix("").as_posix() for rel in files}
         orphans = [
             p
-            for p in (root / "labels").rglob("*.txt")
+            for p in files_in(root / "labels", "*.txt", recursive=True)
             if p.relative_to(root / "labels").with_suffix("").as_posix() not in stems
         ]
         if orphans:
@@ -538,7 +555,7 @@ def read_voc(
             if line.strip()
         ]
     else:
-        xmls = sorted(ann_dir.glob("*.xml"))
+        xmls = files_in(ann_dir, "*.xml")
     parsed = []
     for x in xmls:
         try:
@@ -612,7 +629,7 @@ def _voc_classes(root: Path, ann_dir: Path) -> list[str]:
         if (root / name).exists():
             return [ln.strip() for ln in read_text(root / name).splitlines() if ln.strip()]
     names = set()
-    for x in sorted(ann_dir.glob("*.xml")):
+    for x in files_in(ann_dir, "*.xml"):
         try:
             tree = ET.parse(x).getroot()
         except ET.ParseError as e:

@@ -12,7 +12,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..data.dataset import load_rgb
-from ..data.formats import IMAGE_SUFFIXES, read_dataset
+from ..data.formats import IMAGE_SUFFIXES, files_in, read_dataset
 from ..data.records import DataError
 from ..viz import draw_detections
 from .train import detector_from_file
@@ -22,7 +22,7 @@ __all__ = ["predict"]
 
 def _images(source: Path) -> list[Path]:
     if source.is_dir():
-        found = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        found = files_in(source, recursive=True, suffixes=IMAGE_SUFFIXES)
         if not found:
             raise DataError(f"{source}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         return found
