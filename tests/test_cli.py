@@ -228,13 +228,13 @@ def test_predict_compare_matches_by_relative_path_not_basename(trained_run, tmp_
             {
                 "id": 1,
                 "image_id": 7,
-                "category_id": 1,
+                "category_id": val.category_ids[0],
                 "bbox": [10, 10, 20, 20],
                 "area": 400,
                 "iscrowd": 0,
             }
         ],
-        "categories": [{"id": 1, "name": "x"}],
+        "categories": [{"id": i, "name": n} for i, n in zip(val.category_ids, val.classes)],
     }
     (tmp_path / "gt.json").write_text(json.dumps(gt))
     args = ["predict", "--weights", str(run / "stage3" / "best.pt"), "--source", str(src)]
@@ -337,6 +337,28 @@ def test_val_takes_inference_overrides_only(trained_run, capsys):
     }
     assert main(["val", "--weights", weights, "--set", "stage1.optim.lr=1"]) == 2
     assert "inference settings only" in capsys.readouterr().err
+
+
+def test_val_on_data_with_other_classes_is_refused(trained_run, tmp_path, capsys):
+    run, _ = trained_run
+    Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
+    gt = {
+        "images": [{"id": 1, "file_name": "a.png", "width": 64, "height": 64}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [8, 8, 10, 10]}],
+        "categories": [{"id": 1, "name": "car"}],
+    }
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "r.yaml").write_text(f"data: {{format: coco, train: {tmp_path / 'gt.json'}}}\n")
+    code = main(
+        ["val", "--weights", str(run / "stage3" / "best.pt"), "--data", str(tmp_path / "r.yaml")]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "its classes (car) are not the checkpoint's" in err
+    # the same for predict's --compare, whose colours match boxes by class
+    args = ["predict", "--weights", str(run / "stage3" / "best.pt"), "--source", str(tmp_path)]
+    assert main([*args, "--out", str(tmp_path / "o"), "--compare", str(tmp_path / "gt.json")]) == 2
+    assert "gt.json: its classes (car) are not the checkpoint's" in capsys.readouterr().err
 
 
 def test_predict_on_a_folder_skips_unreadable_images_and_keeps_same_named_ones_apart(

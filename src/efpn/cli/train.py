@@ -224,6 +224,12 @@ def _cmd_val(args) -> int:
     else:
         raise ValueError(f"{args.weights}: it records no recipe; name the val data with --data")
     _, val = load_data(cfg, None)
+    if ckpt.get("classes") is not None and list(ckpt["classes"]) != list(val.classes):
+        raise ValueError(
+            f"{val.source}: its classes ({', '.join(val.classes)}) are not the checkpoint's "
+            f"({', '.join(ckpt['classes'])}), in that order; labels would be scored as the "
+            "wrong class"
+        )
     m = evaluate_model(
         model,
         val,

@@ -86,6 +86,11 @@ def predict(
     gt_by_name = {}
     if compare is not None:
         gt = read_dataset(compare, "coco")
+        if list(gt.classes) != list(classes):
+            raise DataError(
+                f"{compare}: its classes ({', '.join(gt.classes)}) are not the checkpoint's "
+                f"({', '.join(classes)}), in that order; boxes would be matched to the wrong class"
+            )
         gt_by_name = {r.file_name: r for r in gt.images}
     results, kept, skipped = [], 0, 0
     tty = sys.stderr.isatty()
