@@ -176,6 +176,8 @@ def test_predict_any_size_with_compare(trained_run, tmp_path):
         best = max(mine, key=lambda r: r["score"])
         assert best["score"] == pytest.approx(direct["scores"].max().item(), abs=1e-6)
         assert best["category_id"] in ckpt["category_ids"]
+    for r in results:  # the class name travels with its id
+        assert r["category"] == ckpt["classes"][ckpt["category_ids"].index(r["category_id"])]
     ids = {r.image_id for r in val.images}
     assert {r["image_id"] for r in results if r["file_name"] != "odd.png"} <= ids
 

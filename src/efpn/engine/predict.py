@@ -63,7 +63,9 @@ def predict(
     """Detect objects in ``source`` (an image or a folder) with a checkpoint.
 
     Writes drawings (``out/<path relative to source>`` as ``.png``) and ``out/predictions.json``
-    (COCO results; image ids from ``compare`` when given, else 1..N in sorted order). In
+    (COCO results, every detection the model keeps whatever ``score_thresh``, with each
+    image's ``file_name`` and the class name as ``category``; image ids from ``compare``
+    when given, else 1..N in sorted order). In
     a folder, an image that cannot be read is skipped, named on stderr and counted; a
     single image that cannot be read is an error. With ``compare`` (a COCO
     ground-truth JSON whose ``file_name``s are relative to ``source``), true positives
@@ -142,6 +144,7 @@ def predict(
                         "image_id": image_id,
                         "file_name": _relative(p, source),
                         "category_id": cat_ids[lab - 1],
+                        "category": classes[lab - 1],
                         "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
                         "score": sc,
                     }
