@@ -103,7 +103,9 @@ def predict(
         chunk, arrays = [], []
         for p in paths[start : start + step]:
             try:
-                arrays.append(load_rgb(p, sliced=bool(slice_size)))
+                known = gt_by_name.get(_relative(p, source))  # as --compare annotates it
+                upright = known.upright if known is not None else True
+                arrays.append(load_rgb(p, sliced=bool(slice_size), upright=upright))
             except DataError as e:
                 if not source.is_dir():
                     raise
