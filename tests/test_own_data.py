@@ -365,3 +365,27 @@ def test_a_roboflow_export_trains_and_reads_as_it_is(tmp_path, capsys):
         ValueError, match=r"train: '\.\./\.\./elsewhere/images' leaves the dataset root"
     ):
         recipe_from_data(root, imgsz=64)
+
+
+def test_dry_run_checks_the_data_and_writes_the_recipe_without_training(tmp_path, capsys):
+    from efpn.config import load_config
+
+    root = tmp_path / "y"
+    (root / "labels").mkdir(parents=True)
+    (root / "classes.txt").write_text("car\n")
+    for i in range(5):
+        _scene(root / "images" / f"{i}.png", [(8, 8, 20, 20)])
+        (root / "labels" / f"{i}.txt").write_text("0 0.22 0.22 0.19 0.19\n")
+    out = tmp_path / "runs" / "y"
+    args = ["train", "--data", str(root), "--imgsz", "64", "--dry-run", "--out", str(out)]
+    assert main([*args, "stage1.optim.lr=0.005"]) == 0
+    said = capsys.readouterr().out
+    assert "dry run: 4 train / 1 val images, 4 / 1 boxes; nothing trained" in said
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
+    cfg = load_config(out / "config.yaml")
+    assert cfg.stage1.optim.lr == 0.005 and cfg.data.train == str(root)
+    # the checks of a real run apply: a dataset without a box is refused, not written
+    for i in range(5):
+        (root / "labels" / f"{i}.txt").write_text("")
+    assert main([*args[:-1], str(tmp_path / "runs" / "z")]) == 2
+    assert "has a box" in capsys.readouterr().err and not (tmp_path / "runs" / "z").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..config import P2X_MODES
 
@@ -33,6 +34,11 @@ def _add_train(sub) -> None:
     p.add_argument("--stage", default="all", choices=["1", "2", "3", "all"])
     p.add_argument("--out", default=None, help="run folder (default runs/<name>)")
     p.add_argument("--resume", action="store_true", help="continue from last.pt in the run folder")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="read and check the data, write the resolved recipe to the run folder, train nothing",
+    )
     p.add_argument(
         "--init",
         default=None,
@@ -81,6 +87,26 @@ def parse_overrides(pairs: list[str]) -> dict:
     return dict(parse_override(p) for p in pairs)
 
 
+def _dry_run(cfg, out: Path) -> int:
+    """Check the data and write the resolved recipe, without training."""
+    import yaml
+
+    from ..engine.train import check_splits, load_data
+
+    train, val = load_data(cfg, out.parent if cfg.data.format == "synth" else None)
+    check_splits(train, val)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    print(
+        f"dry run: {len(train.images)} train / {len(val.images)} val images, "
+        f"{train.num_boxes()} / {val.num_boxes()} boxes; nothing trained. The recipe is in "
+        f"{out / 'config.yaml'} (every key in docs/config.md); edit it and train it with "
+        f"efpn train --config {out / 'config.yaml'}",
+        flush=True,
+    )
+    return 0
+
+
 def _cmd_train(args) -> int:
     import json
 
@@ -108,6 +134,8 @@ def _cmd_train(args) -> int:
     else:
         cfg = load_config(args.config, overrides)
     out = args.out or f"runs/{cfg.name}"
+    if args.dry_run:
+        return _dry_run(cfg, Path(out))
     if not args.quiet:
         print(f"run folder: {out} (resolved recipe in {out}/config.yaml)", flush=True)
     trainer = Trainer(cfg, out, quiet=args.quiet)
