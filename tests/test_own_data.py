@@ -55,7 +55,14 @@ def test_voc_splits_share_one_class_list_and_train_in_one_line(tmp_path, capsys)
         _voc(root, f"v{i}", [("Tree", (10, 10, 30, 28))], "val")
     out = tmp_path / "run"
     args = ["train", "--data", str(root), "--imgsz", "64", "--epochs", "1", "--batch", "2"]
-    assert main([*args, "--out", str(out), "--quiet", *SMALL]) == 0
+    assert main([*args, "--out", str(out), *SMALL]) == 0
+    said = capsys.readouterr().out.splitlines()
+    # it ends with EFPN against the FPN it extends, and what to run next
+    assert said[-2].startswith("val AP_small: FPN (stage 1) ") and "`efpn study`" in said[-2]
+    assert said[-1] == (
+        f"next: efpn val --weights {out}/stage3/best.pt model.merge=fused; "
+        f"efpn predict --weights {out}/stage3/best.pt --source IMAGES --out preds"
+    )
     cfg = load_config(out / "config.yaml")
     train, val = load_data(cfg)
     assert train.classes == val.classes == ["Alive", "Dead", "Tree"]  # no label shifts

@@ -156,7 +156,31 @@ def _cmd_train(args) -> int:
             "seconds_per_image",
         ]
         print(json.dumps({k: metrics[k] for k in keys}))
+        if 3 in stages and not args.quiet:
+            _say_what_next(Path(out), metrics)
     return 0
+
+
+def _say_what_next(out: Path, metrics: dict) -> None:
+    """After stage 3: EFPN against the FPN it extends, on val, and the next commands."""
+    import json
+
+    premise = out / "premise.json"
+    if premise.exists():
+        fpn, efpn = json.loads(premise.read_text())["fpn_1x"]["AP_small"], metrics["AP_small"]
+        if fpn >= 0 and efpn >= 0:
+            print(
+                f"val AP_small: FPN (stage 1) {fpn:.3f}, EFPN {efpn:.3f} ({100 * (efpn - fpn):+.1f} "
+                "points; one run on the split that chose each stage's best epoch: `efpn study` "
+                "gives paired seeds with an interval)",
+                flush=True,
+            )
+    weights = out / "stage3" / "best.pt"
+    print(
+        f"next: efpn val --weights {weights} model.merge=fused; "
+        f"efpn predict --weights {weights} --source IMAGES --out preds",
+        flush=True,
+    )
 
 
 def _add_val(sub) -> None:
