@@ -81,9 +81,8 @@ def class_names_of(names, source) -> list[str]:
     from the class index 0..K-1 to its name (Ultralytics)."""
     if isinstance(names, dict):
         keys = list(names)
-        if sorted(keys, key=str) != sorted(range(len(keys)), key=str) or not all(
-            isinstance(k, int) for k in keys
-        ):
+        whole = all(isinstance(k, int) and not isinstance(k, bool) for k in keys)
+        if not whole or sorted(keys) != list(range(len(keys))):
             raise DataError(
                 f"{source}: names: the mapping's keys must be the class indices 0..{len(keys) - 1}, "
                 f"got {keys[:6]}"
@@ -165,7 +164,9 @@ def read_coco(ann_file: str | Path, image_root: str | Path | None = None) -> Det
                 f"{src}: category id {c['id']} appears twice ({seen_cats[int(c['id'])]!r} and {c['name']!r})"
             )
         seen_cats[int(c["id"])] = c["name"]
-    repeated = sorted({n for n in seen_cats.values() if list(seen_cats.values()).count(n) > 1})
+    from collections import Counter
+
+    repeated = sorted(n for n, k in Counter(seen_cats.values()).items() if k > 1)
     if repeated:
         import logging
 
