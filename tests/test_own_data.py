@@ -366,6 +366,12 @@ def test_a_roboflow_export_trains_and_reads_as_it_is(tmp_path, capsys):
     assert got["test"].classes == ["sign", "light"] and got["test"].images[0].labels.tolist() == [1]
     assert main(["data", "stats", str(root), "--split", "valid"]) == 2
     assert "no split 'valid' (has train, val, test)" in capsys.readouterr().err
+    # one split folder alone takes its class names from the YAML one folder up
+    assert read_dataset(root / "valid").classes == ["sign", "light"]
+    # the YAML names its splits: `data split` on it is refused, not written beside it
+    assert main(["data", "split", str(root)]) == 2
+    assert "a dataset YAML names its splits itself" in capsys.readouterr().err
+    assert not (root / "splits.json").exists()
     # a split may not leave the dataset root
     (root / "data.yaml").write_text("train: ../../elsewhere/images\nnames: [a]\n")
     with pytest.raises(

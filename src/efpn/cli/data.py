@@ -246,11 +246,16 @@ def _cmd_data_split(args) -> int:
     from pathlib import Path
 
     from ..data import read_dataset
-    from ..data.formats import detect_format
+    from ..data.formats import dataset_yaml_of, detect_format
     from ..data.splits import write_split
 
     fmt = args.format or detect_format(args.source)
     src = Path(args.source)
+    if dataset_yaml_of(src) is not None:
+        raise ValueError(
+            f"{dataset_yaml_of(src)}: a dataset YAML names its splits itself; edit its "
+            "train/val, or split one of its YOLO folders (e.g. its train/)"
+        )
     existing = {
         "yolo": [src / "splits.json"],
         "voc": [src / "ImageSets" / "Main" / "train.txt", src / "ImageSets" / "Main" / "val.txt"],

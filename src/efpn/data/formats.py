@@ -386,13 +386,16 @@ def _read_class_names(root: Path) -> list[str]:
     for name in ("classes.txt", "obj.names", "names.txt"):
         if (root / name).exists():
             return [line.strip() for line in read_text(root / name).splitlines() if line.strip()]
-    for name in ("data.yaml", "dataset.yaml"):
-        if (root / name).exists():
-            d = load_yaml(root / name)
-            if isinstance(d, dict) and d.get("names") is not None:
-                return class_names_of(d["names"], root / name)
+    # a dataset YAML here, or one folder up (a split folder of a Roboflow export)
+    for folder in (root, root.parent):
+        for name in ("data.yaml", "dataset.yaml"):
+            if (folder / name).exists():
+                d = load_yaml(folder / name)
+                if isinstance(d, dict) and d.get("names") is not None:
+                    return class_names_of(d["names"], folder / name)
     raise DataError(
-        f"{root}: no class-names file (classes.txt, obj.names or data.yaml with 'names')"
+        f"{root}: no class-names file (classes.txt, obj.names, or data.yaml with 'names' "
+        "here or one folder up)"
     )
 
 
