@@ -25,6 +25,16 @@ def _scene(path, boxes, size=64):
     Image.fromarray(img).save(path)
 
 
+def _yolo(root, labels, classes=("car",), box=None):
+    """A YOLO folder with one image per label text; ``box`` is drawn in each image."""
+    (root / "labels").mkdir(parents=True)
+    (root / "classes.txt").write_text("\n".join(classes) + "\n")
+    for i, text in enumerate(labels):
+        _scene(root / "images" / f"{i}.png", [box] if box else [])
+        (root / "labels" / f"{i}.txt").write_text(text)
+    return root
+
+
 def _voc(root, name, objects, split=None):
     _scene(root / "JPEGImages" / f"{name}.png", [b for _, b in objects])
     xml = [
@@ -76,12 +86,7 @@ def test_yolo_folder_without_split_holds_out_val_and_derives_anchors(tmp_path, c
     from efpn.config import load_config
     from efpn.engine.train import load_data
 
-    root = tmp_path / "cars"
-    (root / "labels").mkdir(parents=True)
-    (root / "classes.txt").write_text("car\n")
-    for i in range(10):
-        _scene(root / "images" / f"{i}.png", [(8, 8, 16, 14)])
-        (root / "labels" / f"{i}.txt").write_text("0 0.1875 0.171875 0.125 0.09375\n")
+    root = _yolo(tmp_path / "cars", ["0 0.1875 0.171875 0.125 0.09375\n"] * 10, box=(8, 8, 16, 14))
     out = tmp_path / "run"
     args = ["train", "--data", str(root), "--imgsz", "64", "--epochs", "1", "--batch", "2"]
     assert main([*args, "--out", str(out), "--stage", "1", *SMALL, "stage1.optim.lr=5e-3"]) == 0
@@ -299,13 +304,7 @@ def test_splits_that_cannot_train_or_select_are_refused_in_one_line(tmp_path, ca
     from efpn.engine.premise import premise_message
 
     def yolo(name, labels):
-        root = tmp_path / name
-        (root / "labels").mkdir(parents=True)
-        (root / "classes.txt").write_text("car\nbus\n")
-        for i, text in enumerate(labels):
-            _scene(root / "images" / f"{i}.png", [])
-            (root / "labels" / f"{i}.txt").write_text(text)
-        return root
+        return _yolo(tmp_path / name, labels, classes=("car", "bus"))
 
     box = "0 0.5 0.5 0.2 0.2\n"
     cases = [
@@ -383,12 +382,7 @@ def test_a_roboflow_export_trains_and_reads_as_it_is(tmp_path, capsys):
 def test_dry_run_checks_the_data_and_writes_the_recipe_without_training(tmp_path, capsys):
     from efpn.config import load_config
 
-    root = tmp_path / "y"
-    (root / "labels").mkdir(parents=True)
-    (root / "classes.txt").write_text("car\n")
-    for i in range(5):
-        _scene(root / "images" / f"{i}.png", [(8, 8, 20, 20)])
-        (root / "labels" / f"{i}.txt").write_text("0 0.22 0.22 0.19 0.19\n")
+    root = _yolo(tmp_path / "y", ["0 0.22 0.22 0.19 0.19\n"] * 5, box=(8, 8, 20, 20))
     out = tmp_path / "runs" / "y"
     args = ["train", "--data", str(root), "--imgsz", "64", "--dry-run", "--out", str(out)]
     assert main([*args, "stage1.optim.lr=0.005"]) == 0
