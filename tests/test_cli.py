@@ -396,3 +396,40 @@ def test_predict_on_a_folder_skips_unreadable_images_and_keeps_same_named_ones_a
         args = ["predict", "--weights", weights, "--source", str(tmp_path / folder)]
         assert main([*args, "--out", str(tmp_path / f"o_{folder}")]) != 0
         assert says in capsys.readouterr().err
+
+
+def test_predict_save_txt_writes_yolo_labels_of_the_drawn_boxes(trained_run, tmp_path, capsys):
+    run, val = trained_run
+    weights = str(run / "stage3" / "best.pt")
+    src = tmp_path / "src"
+    (src / "x").mkdir(parents=True)
+    Image.open(val.image_path(val.images[0])).save(src / "x" / "0.png")
+    Image.open(val.image_path(val.images[1])).save(src / "1.png")
+    out = tmp_path / "out"
+    args = ["predict", "--weights", weights, "--source", str(src), "--score-thresh", "0.05"]
+    assert main([*args, "--out", str(out), "--save-txt", "--save-conf", "--quiet"]) == 0
+    results = json.loads((out / "predictions.json").read_text())
+    ckpt = torch.load(weights, weights_only=True, map_location="cpu")
+    assert (out / "classes.txt").read_text().split("\n")[:-1] == list(ckpt["classes"])
+    for rel, label in (("x/0.png", "labels/x/0.txt"), ("1.png", "labels/1.txt")):
+        kept = [r for r in results if r["file_name"] == rel and r["score"] >= 0.05]
+        lines = [ln.split() for ln in (out / label).read_text().splitlines()]
+        assert len(lines) == len(kept)
+        size = Image.open(src / rel).size
+        for fields, r in zip(
+            sorted(lines, key=lambda f: -float(f[5])), sorted(kept, key=lambda r: -r["score"])
+        ):
+            cls, cx, cy, w, h, score = int(fields[0]), *map(float, fields[1:])
+            assert ckpt["classes"][cls] == r["category"] and score == pytest.approx(
+                r["score"], abs=1e-4
+            )
+            x, y, bw, bh = r["bbox"]
+            got = [cx * size[0], cy * size[1], w * size[0], h * size[1]]
+            assert got == pytest.approx([x + bw / 2, y + bh / 2, bw, bh], abs=1e-3)
+    assert main([*args, "--out", str(tmp_path / "o2"), "--save-txt", "--quiet"]) == 0
+    assert all(
+        len(ln.split()) == 5
+        for ln in (tmp_path / "o2" / "labels" / "1.txt").read_text().splitlines()
+    )
+    assert main([*args, "--out", str(tmp_path / "o3"), "--save-conf"]) == 2
+    assert "--save-conf set without --save-txt" in capsys.readouterr().err

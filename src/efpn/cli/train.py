@@ -351,6 +351,12 @@ def _add_predict(sub) -> None:
         help="COCO ground truth (file names relative to --source): TP green, FP blue, FN red",
     )
     _add_slice_args(p)
+    p.add_argument(
+        "--save-txt",
+        action="store_true",
+        help="also write YOLO labels (out/labels/, classes.txt) of the boxes at --score-thresh",
+    )
+    p.add_argument("--save-conf", action="store_true", help="with --save-txt: append each score")
     p.add_argument("--quiet", action="store_true", help="no progress bars or summary line")
     add_override_args(p, "inference settings of the checkpoint's recipe, e.g. model.merge=fused")
     p.set_defaults(func=_cmd_predict)
@@ -421,6 +427,9 @@ def _slicing(args) -> dict | None:
 def _cmd_predict(args) -> int:
     from ..engine.predict import predict
 
+    if args.save_conf and not args.save_txt:
+        raise ValueError("--save-conf set without --save-txt: it adds scores to the YOLO labels")
+
     path = predict(
         args.weights,
         args.source,
@@ -431,6 +440,8 @@ def _cmd_predict(args) -> int:
         quiet=args.quiet,
         **(_slicing(args) or {}),
         model_overrides=inference_overrides(override_pairs(args), "predict"),
+        save_txt=args.save_txt,
+        save_conf=args.save_conf,
     )
     if not args.quiet:
         print(f"drawings in {path.parent}")

@@ -43,6 +43,21 @@ def _drawing_names(paths: list[Path], source: Path) -> dict[Path, str]:
     return {p: n if taken[n] == 1 else f"{_relative(p, source)}.png" for p, n in plain.items()}
 
 
+def _write_labels(path: Path, output: dict, shape, score_thresh: float, save_conf: bool) -> None:
+    """One image's detections at ``score_thresh`` or above as YOLO label lines."""
+    h, w = shape[:2]
+    lines = []
+    for (x1, y1, x2, y2), sc, lab in zip(
+        output["boxes"].tolist(), output["scores"].tolist(), output["labels"].tolist()
+    ):
+        if sc < score_thresh:
+            continue
+        line = f"{lab - 1} {(x1 + x2) / 2 / w:.6f} {(y1 + y2) / 2 / h:.6f} {(x2 - x1) / w:.6f} {(y2 - y1) / h:.6f}"
+        lines.append(line + (f" {sc:.4f}" if save_conf else ""))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{ln}\n" for ln in lines))
+
+
 @torch.no_grad()
 def predict(
     weights: str | Path,
@@ -59,6 +74,8 @@ def predict(
     merge: str = "nms",
     full_image: bool = False,
     model_overrides: dict | None = None,
+    save_txt: bool = False,
+    save_conf: bool = False,
 ) -> Path:
     """Detect objects in ``source`` (an image or a folder) with a checkpoint.
 
@@ -73,7 +90,10 @@ def predict(
     With ``slice_size``, each image is detected in overlapping tiles
     (:func:`efpn.slicing.predict_sliced`; ``batch_size`` tiles per pass), boxes in the
     original image's pixels. ``model_overrides`` change the checkpoint's inference
-    settings (e.g. ``{"merge": "fused"}``).
+    settings (e.g. ``{"merge": "fused"}``). ``save_txt`` also writes YOLO labels of the
+    boxes at ``score_thresh`` or above, ``out/labels/<path relative to source>.txt``
+    (``class cx cy w h`` normalised, one file per image, empty without a box; a dataset
+    to correct and train on, with ``classes.txt``); ``save_conf`` appends each score.
     """
     from ..slicing import predict_sliced
 
@@ -163,10 +183,20 @@ def predict(
             drawing = out / drawings[p]
             drawing.parent.mkdir(parents=True, exist_ok=True)
             drawn.save(drawing)
+            if save_txt:
+                _write_labels(
+                    out / "labels" / Path(drawings[p]).with_suffix(".txt"),
+                    o,
+                    a.shape,
+                    score_thresh,
+                    save_conf,
+                )
     if skipped == len(paths):  # _images never returns an empty list
         raise DataError(f"{source}: none of its {skipped} image(s) could be read (named above)")
     path = out / "predictions.json"
     path.write_text(json.dumps(results))
+    if save_txt:
+        (out / "classes.txt").write_text("\n".join(classes) + "\n")
     if skipped:
         print(
             f"{source}: skipped {skipped} of {len(paths)} image(s) that could not be read "
