@@ -35,8 +35,9 @@ def _data_section(data: str | Path) -> dict[str, Any]:
     from .data.formats import dataset_yaml_of, detect_format, read_dataset_yaml
 
     path = Path(data)
-    if dataset_yaml_of(path) is not None:
-        return read_dataset_yaml(dataset_yaml_of(path))
+    yaml_file = dataset_yaml_of(path)
+    if yaml_file is not None:
+        return read_dataset_yaml(yaml_file)
     if not path.exists():
         raise DataError(f"{path}: no such dataset folder or file")
     fmt = detect_format(path)

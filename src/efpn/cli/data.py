@@ -251,9 +251,10 @@ def _cmd_data_split(args) -> int:
 
     fmt = args.format or detect_format(args.source)
     src = Path(args.source)
-    if dataset_yaml_of(src) is not None:
+    yaml_file = dataset_yaml_of(src)
+    if yaml_file is not None:
         raise ValueError(
-            f"{dataset_yaml_of(src)}: a dataset YAML names its splits itself; edit its "
+            f"{yaml_file}: a dataset YAML names its splits itself; edit its "
             "train/val, or split one of its YOLO folders (e.g. its train/)"
         )
     existing = {

@@ -89,14 +89,12 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 def _dry_run(cfg, out: Path) -> int:
     """Check the data and write the resolved recipe, without training."""
-    import yaml
-
-    from ..engine.train import check_splits, load_data
+    from ..engine.train import check_splits, load_data, write_recipe
 
     train, val = load_data(cfg, out.parent if cfg.data.format == "synth" else None)
     check_splits(train, val)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_recipe(cfg, out)
     print(
         f"dry run: {len(train.images)} train / {len(val.images)} val images, "
         f"{train.num_boxes()} / {val.num_boxes()} boxes; nothing trained. The recipe is in "

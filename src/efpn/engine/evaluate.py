@@ -21,7 +21,6 @@ from ..metrics import (
     evaluate_tt100k_bins,
     to_coco_results,
 )
-from ..metrics.tt100k import evaluate_tt100k
 from . import distributed as dist_utils
 
 __all__ = [
@@ -169,13 +168,7 @@ def only_classes(gt: dict, results: list[dict], names: list[str]) -> tuple[dict,
 
 
 def best_f1(gt_tt: dict, res_tt: dict, size_range, classes=None, steps: int = 50) -> dict:
-    """The F1 maximum over the accuracy-recall sweep, with its threshold; ``-1`` (COCO's
-    mark for undefined) when no ground-truth object falls in ``size_range``."""
-    present = evaluate_tt100k(
-        gt_tt, res_tt, size_range=size_range, keep_lists=False, classes=classes
-    ).ground_truth
-    if not present:
-        return {"f1": -1.0, "threshold": None, "accuracy": -1.0, "recall": -1.0}
+    """The F1 maximum over the accuracy-recall sweep, with its threshold."""
     curve = accuracy_recall_curve(
         gt_tt, res_tt, size_range=size_range, steps=steps, monotone=False, classes=classes
     )
@@ -247,7 +240,13 @@ def evaluate_model(
     classes = data.eval_classes
     metrics["tt100k"] = evaluate_tt100k_bins(gt_tt, res_tt, min_score=score_thresh, classes=classes)
     metrics["tt100k_score_thresh"] = score_thresh
-    best_small = best_f1(gt_tt, res_tt, TT100K_BINS["small"], classes)
+    # undefined (COCO's -1) when no ground-truth object is small; the bin's count does
+    # not depend on the score threshold
+    best_small = (
+        best_f1(gt_tt, res_tt, TT100K_BINS["small"], classes)
+        if metrics["tt100k"]["small"]["ground_truth"]
+        else {"f1": -1.0, "threshold": None}
+    )
     metrics["f1_small"] = best_small["f1"]
     metrics["f1_small_threshold"] = best_small["threshold"]
     metrics["seconds_per_image"] = spi

@@ -98,6 +98,13 @@ def load_data(cfg: Config, root: Path | None = None) -> tuple[DetectionData, Det
     return train, val
 
 
+def write_recipe(cfg: Config, out: Path) -> Path:
+    """The resolved recipe as ``out/config.yaml`` (what ``--config`` reads back)."""
+    path = Path(out) / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return path
+
+
 def check_splits(train: DetectionData, val: DetectionData) -> None:
     """Refuse splits that cannot train or select a checkpoint: no training image, no box
     to learn from, an empty val set or one without a box of the evaluated classes."""
@@ -418,7 +425,7 @@ class Trainer:
         self.premise: dict | None = None
         if dist_utils.is_main():
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            write_recipe(cfg, self.out)
 
     # -- data
     def _dataset(self):
