@@ -730,3 +730,94 @@ def test_hidden_files_are_left_out_as_shell_globs_and_ultralytics_do(tmp_path):
     (dota / "labelTxt" / "._P1.txt").write_bytes(b"\x00\x05\x16\x07\xff")
     data = read_dota(dota)
     assert [r.file_name for r in data.images] == ["images/P1.png"] and data.num_boxes() == 1
+
+
+def _tiff(path, arr, **kw):
+    import tifffile
+
+    tifffile.imwrite(path, arr, **kw)
+    return path
+
+
+def test_16bit_and_multiband_tiffs_read_as_stretched_rgb(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from efpn.data.image import image_sizes, stretch_to_uint8
+
+    # a 12-bit colour scene in 16-bit samples: Pillow keeps the high byte (0..15, black)
+    ramp = np.linspace(0, 4095, 30 * 40).reshape(30, 40).astype(np.uint16)
+    rgb12 = np.stack([ramp, ramp // 2, 4095 - ramp], axis=2)
+    path = _tiff(tmp_path / "rgb12.tif", rgb12, photometric="rgb")
+    with Image.open(path) as im:
+        assert np.asarray(im.convert("RGB")).max() <= 16  # what efpn read before
+    rgb = load_rgb(path)
+    assert rgb.shape == (30, 40, 3) and rgb.dtype == np.uint8 and rgb.max() >= 250
+    np.testing.assert_array_equal(rgb, stretch_to_uint8(rgb12))
+    # one range for all bands: the dimmer band stays dimmer
+    assert rgb[..., 1].max() < 140 and rgb[..., 0].max() >= 250
+
+    # four bands (B, G, R, NIR), each constant: 1000, 2000, 3000, 4000
+    bands = np.stack([np.full((20, 30), 1000 * (k + 1), np.uint16) for k in range(4)], axis=2)
+    contig = _tiff(
+        tmp_path / "bgrn.tif", bands, photometric="minisblack", planarconfig="contig"
+    )
+    planar = _tiff(
+        tmp_path / "bgrn_planar.tif",
+        np.moveaxis(bands, 2, 0).copy(),
+        photometric="minisblack",
+        planarconfig="separate",
+    )
+    assert image_sizes(contig) == ((30, 20), (30, 20))  # Pillow cannot open it
+    with caplog.at_level(logging.WARNING, logger="efpn.data"):
+        default = load_rgb(contig)
+    assert default[0, 0].tolist() == [0, 128, 255]  # bands 1, 2, 3
+    assert any("4 bands; read bands 1, 2, 3" in r.getMessage() for r in caplog.records)
+    monkeypatch.setenv("EFPN_BANDS", "3,2,1")
+    assert load_rgb(contig)[0, 0].tolist() == [255, 128, 0]
+    np.testing.assert_array_equal(load_rgb(planar), load_rgb(contig))
+    monkeypatch.setenv("EFPN_BANDS", "4")
+    assert load_rgb(planar)[0, 0].tolist() == [128, 128, 128]  # a flat band: mid-gray
+    for bad, says in (("5,2,1", "band 5 of 4"), ("3,2", "one band or three"), ("r,g,b", "1-based")):
+        monkeypatch.setenv("EFPN_BANDS", bad)
+        with pytest.raises(DataError, match=says) as e:
+            load_rgb(contig)
+        assert "\n" not in str(e.value)
+    monkeypatch.delenv("EFPN_BANDS")
+
+    # a GeoTIFF's nodata (outside the footprint) is left out of the range and read as 0
+    scene = np.full((20, 20), 3000, np.uint16)
+    scene[:, 10:] = 1000
+    scene[:5] = 0  # nodata
+    geo = _tiff(tmp_path / "geo.tif", scene, extratags=[(42113, "s", 0, "0", True)])
+    out = load_rgb(geo)
+    assert out[0, 0].tolist() == [0, 0, 0]
+    assert out[10, 0, 0] == 255 and out[10, 15, 0] == 0  # stretched over 1000..3000
+    # a YOLO dataset of such scenes reads its sizes from the headers
+    root = tmp_path / "yolo"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    (root / "classes.txt").write_text("car\n")
+    _tiff(root / "images" / "s.tif", bands, photometric="minisblack", planarconfig="contig")
+    (root / "labels" / "s.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    data = read_yolo(root)
+    assert (data.images[0].width, data.images[0].height) == (30, 20)
+    np.testing.assert_allclose(data.images[0].boxes, [[12, 8, 18, 12]])
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_tiffs_read_by_tifffile_turn_as_pillow_turns(tmp_path, orientation):
+    from efpn.data.image import image_sizes, read_tiff_rgb
+
+    rng = np.random.default_rng(orientation)
+    arr = rng.integers(0, 256, (6, 10, 3), dtype=np.uint8)
+    path = _tiff(
+        tmp_path / "o.tif", arr, photometric="rgb", extratags=[(274, "H", 1, orientation, True)]
+    )
+    by_pillow = load_rgb(path)  # 8-bit RGB: Pillow reads it and turns it
+    assert by_pillow.shape == ((10, 6, 3) if orientation >= 5 else (6, 10, 3))
+    np.testing.assert_array_equal(read_tiff_rgb(path), by_pillow)
+    np.testing.assert_array_equal(read_tiff_rgb(path, upright=False), arr)
+    with Image.open(path) as im:
+        from efpn.data.image import file_sizes
+
+        assert image_sizes(path) == file_sizes(im)

@@ -10,7 +10,6 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from .records import (
     DataError,
@@ -110,12 +109,12 @@ def load_json(path: str | Path):
 def _image_size(path: Path, source: str) -> tuple[int, int]:
     """The image's upright ``(width, height)`` (after its EXIF orientation), from its
     header."""
-    from .image import check_size, file_sizes
+    from .image import check_size, image_sizes
 
     try:
-        with Image.open(path) as im:
-            check_size(path, *im.size, sliced=True)  # readable at all, if only sliced
-            return file_sizes(im)[1]
+        stored, upright = image_sizes(path)
+        check_size(path, *stored, sliced=True)  # readable at all, if only sliced
+        return upright
     except DataError:
         raise
     except FileNotFoundError:
@@ -268,13 +267,12 @@ def _check_declared_sizes(images: dict[int, ImageRecord], paths: dict[int, Path]
     that image is read unturned, with one counted line. Any other mismatch takes the
     file's size, with one counted warning. Files that are absent (an annotation file
     read for evaluation only) are not checked."""
-    from .image import file_sizes
+    from .image import image_sizes
 
     wrong, unturned = [], []
     for i, r in images.items():
         try:
-            with Image.open(paths[i]) as im:
-                stored, upright = file_sizes(im)
+            stored, upright = image_sizes(paths[i])
         except (FileNotFoundError, IsADirectoryError):
             continue
         except Exception:  # undecodable: reported with the file when it is loaded

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .records import DataError
 
-__all__ = ["file_sizes", "load_rgb", "max_pixels"]
+__all__ = ["file_sizes", "image_sizes", "load_rgb", "max_pixels", "stretch_to_uint8"]
 
 _ORIENTATION = 0x0112  # the EXIF tag; 5-8 turn the image by 90 degrees
 
@@ -61,10 +61,35 @@ def file_sizes(im: Image.Image) -> tuple[tuple[int, int], tuple[int, int]]:
     return (w, h), ((h, w) if exif_orientation(im) >= 5 else (w, h))
 
 
+def image_sizes(path: str | Path) -> tuple[tuple[int, int], tuple[int, int]]:
+    """:func:`file_sizes` of an image file, from its header (no pixel is decoded),
+    including the TIFFs that Pillow cannot open (multi-band, 16-bit colour)."""
+    try:
+        with Image.open(path) as im:
+            return file_sizes(im)
+    except UnidentifiedImageError:
+        if not _is_tiff(path):
+            raise
+    with _open_tiff(path) as tif:
+        page = tif.pages[0]
+        w, h = _tiff_width_height(path, page)
+        turned = _tiff_orientation(page) >= 5
+    return (w, h), ((h, w) if turned else (w, h))
+
+
 def load_rgb(path: str | Path, sliced: bool = False, upright: bool = True) -> np.ndarray:
-    """Load any image as ``(H, W, 3)`` uint8 RGB: grayscale is repeated, alpha dropped,
-    16-bit and float images scaled to 0..255 by their type's range. An image over
-    :func:`max_pixels` is refused from its header, before it is decoded.
+    """Load any image as ``(H, W, 3)`` uint8 RGB. An image over :func:`max_pixels` is
+    refused from its header, before it is decoded.
+
+    - Grayscale is repeated over the three channels; alpha is dropped.
+    - Images with more than 8 bits per sample (16-bit, 32-bit, float: satellite and
+      aerial scenes, microscopy) are stretched to 0..255 from the 0.5th and 99.5th
+      percentiles of their values (one range for all bands, so colours keep their
+      balance; a GeoTIFF's nodata value is left out and read as 0), as GIS viewers show
+      them. Sensor data in 11 to 14 bits would be nearly black scaled by 65535.
+    - TIFFs with more than three bands are read as the RGB of bands 1, 2, 3;
+      ``EFPN_BANDS`` picks others (1-based, as GDAL counts, e.g. ``EFPN_BANDS=3,2,1``
+      for a BGR-NIR scene). Such TIFFs and 16-bit colour TIFFs are read with tifffile.
 
     Args:
         path: the image file.
@@ -74,23 +99,211 @@ def load_rgb(path: str | Path, sliced: bool = False, upright: bool = True) -> np
             sideways); ``False`` keeps the stored pixel order.
     """
     try:
-        with Image.open(path) as im:
-            check_size(path, *im.size, sliced=sliced)
-            im.load()
-            if upright and exif_orientation(im) != 1:
-                im = ImageOps.exif_transpose(im)
-            mode = im.mode
-            if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                arr = np.asarray(im, dtype=np.float64)
-                top = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
-                if mode == "F":
-                    top = max(float(arr.max()), 1.0)
-                arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-                return np.repeat(arr[..., None], 3, axis=2)
-            if mode == "P" and "transparency" in im.info:
-                im = im.convert("RGBA")
-            return np.array(im.convert("RGB"))
+        try:
+            with Image.open(path) as im:
+                check_size(path, *im.size, sliced=sliced)
+                if im.format != "TIFF":
+                    return _pil_rgb(im, upright)
+                if not _tiff_needs_tifffile(im):
+                    try:
+                        return _pil_rgb(im, upright)
+                    except (OSError, ValueError):  # a layout Pillow opens but cannot decode
+                        pass
+        except UnidentifiedImageError:
+            if not _is_tiff(path):
+                raise
+        return read_tiff_rgb(path, sliced=sliced, upright=upright)
+    except (DataError, MemoryError):
+        raise
     except FileNotFoundError:
         raise DataError(f"{path}: image not found") from None
-    except OSError as e:
+    except Exception as e:  # Pillow raises several types for undecodable files
         raise DataError(f"{path}: cannot decode image: {e}") from None
+
+
+def _pil_rgb(im: Image.Image, upright: bool) -> np.ndarray:
+    im.load()
+    if upright and exif_orientation(im) != 1:
+        im = ImageOps.exif_transpose(im)
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        gray = stretch_to_uint8(np.asarray(im)[..., None])
+        return np.repeat(gray, 3, axis=2)
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    return np.array(im.convert("RGB"))
+
+
+def stretch_to_uint8(arr: np.ndarray, nodata: float | None = None) -> np.ndarray:
+    """Map an ``(H, W, C)`` array of any numeric type to uint8: one linear range for all
+    bands, from the 0.5th to the 99.5th percentile of the valid values (NaN, infinities
+    and ``nodata`` left out and set to 0). uint8 passes through. The percentiles come
+    from a strided sample of at most about a million pixels, and the conversion runs in
+    row blocks, so a gigapixel scene costs little more than its own array."""
+    if arr.dtype == np.uint8:
+        return arr
+    h, w = arr.shape[:2]
+    step = max(1, int(np.ceil(np.sqrt(h * w / 1e6))))
+    sample = arr[::step, ::step].astype(np.float64).ravel()
+    valid = np.isfinite(sample)
+    if nodata is not None:
+        valid &= sample != nodata
+    sample = sample[valid]
+    lo, hi = np.percentile(sample, (0.5, 99.5)) if sample.size else (0.0, 1.0)
+    if hi <= lo:  # a flat image: its one value maps to mid-gray, not to 0
+        lo, hi = lo - 1.0, lo + 1.0
+    out = np.empty(arr.shape, dtype=np.uint8)
+    scale = 255.0 / (hi - lo)
+    for r in range(0, h, 1024):
+        block = arr[r : r + 1024].astype(np.float32)
+        bad = ~np.isfinite(block)
+        if nodata is not None:
+            bad |= block == nodata
+        block = np.clip((block - lo) * scale + 0.5, 0, 255)
+        block[bad] = 0
+        out[r : r + 1024] = block.astype(np.uint8)
+    return out
+
+
+# ------------------------------------------------------------------ TIFFs beyond Pillow
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF
+_GDAL_NODATA = 42113
+_warned_bands: set[tuple[int, tuple[int, ...]]] = set()
+
+
+def _is_tiff(path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) in _TIFF_MAGIC
+    except OSError:
+        return False
+
+
+def _tiff_needs_tifffile(im: Image.Image) -> bool:
+    """A TIFF of more than 8 bits per sample: Pillow would cut colour samples to their
+    high 8 bits (a 12-bit scene in 16 bits would read nearly black) and cannot see a
+    GeoTIFF's nodata value."""
+    if im.format != "TIFF":
+        return False
+    bits = getattr(im, "tag_v2", {}).get(258, (8,))
+    bits = bits if isinstance(bits, tuple) else (bits,)
+    return max(bits, default=8) > 8
+
+
+def _open_tiff(path):
+    try:
+        import tifffile
+    except ImportError:  # a dependency; only a broken install lacks it
+        raise DataError(
+            f"{path}: a TIFF that Pillow cannot read needs tifffile (pip install tifffile)"
+        ) from None
+    try:
+        return tifffile.TiffFile(path)
+    except Exception as e:  # tifffile raises several types for damaged files
+        raise DataError(f"{path}: cannot decode image: {e}") from None
+
+
+def _tiff_width_height(path, page) -> tuple[int, int]:
+    axes, shape = page.axes, page.shape
+    if "X" not in axes or "Y" not in axes or set(axes) - set("YXS"):
+        raise DataError(
+            f"{path}: TIFF layout {axes} {tuple(shape)} is not an image of one or more bands"
+        )
+    return int(shape[axes.index("X")]), int(shape[axes.index("Y")])
+
+
+def _tiff_orientation(page) -> int:
+    tag = page.tags.get(_ORIENTATION)
+    try:
+        value = int(tag.value) if tag is not None else 1
+    except (TypeError, ValueError):
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def _tiff_nodata(page) -> float | None:
+    tag = page.tags.get(_GDAL_NODATA)
+    if tag is None:
+        return None
+    try:  # GDAL writes it as text ("0", "-9999", "nan")
+        value = float(str(tag.value).strip("\x00 "))
+    except ValueError:
+        return None
+    return None if np.isnan(value) else value  # NaN is left out as non-finite anyway
+
+
+def _bands() -> tuple[int, ...] | None:
+    import os
+
+    text = os.environ.get("EFPN_BANDS", "").strip()
+    if not text:
+        return None
+    try:
+        bands = tuple(int(b) for b in text.replace(" ", "").split(","))
+    except ValueError:
+        bands = ()
+    if len(bands) not in (1, 3) or min(bands) < 1:
+        raise DataError(
+            f"EFPN_BANDS={text!r}: expected one band or three, 1-based, e.g. EFPN_BANDS=3,2,1"
+        )
+    return bands
+
+
+def _pick_bands(path, arr: np.ndarray) -> np.ndarray:
+    """``(H, W, C)`` to ``(H, W, 3)``: RGB as it is, one band (or gray and alpha) as
+    gray, more bands as :func:`load_rgb` says."""
+    count = arr.shape[2]
+    chosen = _bands() if count > 3 else None
+    if chosen is None:
+        if count >= 3:
+            chosen = (1, 2, 3)
+            if count > 3 and (count, chosen) not in _warned_bands:
+                _warned_bands.add((count, chosen))
+                import logging
+
+                logging.getLogger("efpn.data").warning(
+                    f"{path}: {count} bands; read bands 1, 2, 3 as RGB (EFPN_BANDS=3,2,1 "
+                    "or others pick which; this is said once)"
+                )
+        else:
+            chosen = (1,)
+    if max(chosen) > count:
+        raise DataError(f"{path}: EFPN_BANDS asks for band {max(chosen)} of {count}")
+    arr = arr[..., [b - 1 for b in chosen]]
+    return np.repeat(arr, 3, axis=2) if arr.shape[2] == 1 else arr
+
+
+def _orient(arr: np.ndarray, orientation: int) -> np.ndarray:
+    """Turn stored pixels upright as an EXIF/TIFF orientation says (as
+    :func:`PIL.ImageOps.exif_transpose` does)."""
+    return {
+        1: lambda a: a,
+        2: lambda a: a[:, ::-1],
+        3: lambda a: a[::-1, ::-1],
+        4: lambda a: a[::-1],
+        5: lambda a: a.transpose(1, 0, 2),
+        6: lambda a: np.rot90(a, k=-1),
+        7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),
+        8: lambda a: np.rot90(a, k=1),
+    }[orientation](arr)
+
+
+def read_tiff_rgb(path: str | Path, sliced: bool = False, upright: bool = True) -> np.ndarray:
+    """Read a TIFF's first image with tifffile as :func:`load_rgb` does (bands, stretch,
+    orientation). Compressions beyond Deflate and LZMA (LZW, JPEG) need imagecodecs."""
+    with _open_tiff(path) as tif:
+        page = tif.pages[0]
+        w, h = _tiff_width_height(path, page)
+        check_size(path, w, h, sliced=sliced)
+        try:
+            arr = page.asarray()
+        except Exception as e:  # missing codec, truncated strips
+            hint = " (pip install imagecodecs)" if "imagecodecs" in str(e) else ""
+            raise DataError(f"{path}: cannot decode image: {e}{hint}") from None
+        if page.axes.startswith("S"):
+            arr = np.moveaxis(arr, 0, -1)
+        elif arr.ndim == 2:
+            arr = arr[..., None]
+        orientation = _tiff_orientation(page) if upright else 1
+        nodata = _tiff_nodata(page)
+    rgb = stretch_to_uint8(_pick_bands(path, arr), nodata=nodata)
+    return np.ascontiguousarray(_orient(rgb, orientation))
