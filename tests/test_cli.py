@@ -1,6 +1,7 @@
 """The val, predict and bench commands, on a tiny trained run."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -433,3 +434,43 @@ def test_predict_save_txt_writes_yolo_labels_of_the_drawn_boxes(trained_run, tmp
     )
     assert main([*args, "--out", str(tmp_path / "o3"), "--save-conf"]) == 2
     assert "--save-conf set without --save-txt" in capsys.readouterr().err
+
+
+def test_checkpoints_carry_the_bands_they_were_trained_on(
+    trained_run, tmp_path, monkeypatch, caplog
+):
+    import logging
+
+    run, _ = trained_run
+    weights = run / "stage3" / "best.pt"
+    ckpt = torch.load(weights, weights_only=True)
+    assert ckpt["bands"] is None  # trained without EFPN_BANDS
+    ckpt["bands"] = "3,2,1"
+    multiband = tmp_path / "bgrn.pt"
+    torch.save(ckpt, multiband)
+    monkeypatch.setenv("EFPN_BANDS", "1")
+    monkeypatch.delenv("EFPN_BANDS")  # restored (unset) after the test
+    model_from_checkpoint(multiband)
+    assert os.environ["EFPN_BANDS"] == "3,2,1"  # val and predict read as training did
+    monkeypatch.setenv("EFPN_BANDS", "4")
+    with caplog.at_level(logging.WARNING, logger="efpn.data"):
+        model_from_checkpoint(multiband)
+        model_from_checkpoint(weights)
+    assert os.environ["EFPN_BANDS"] == "4"  # an explicit choice is kept, and said
+    said = [r.getMessage() for r in caplog.records]
+    assert f"{multiband}: trained with EFPN_BANDS=3,2,1, read here with EFPN_BANDS=4" in said
+    assert any("trained without EFPN_BANDS" in m for m in said)
+    # a 16-bit four-band scene predicts, whole and sliced, drawn as 8-bit RGB
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    scene = rng.integers(200, 3000, (96, 128, 4), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "scene.tif", scene, photometric="minisblack", planarconfig="contig")
+    monkeypatch.delenv("EFPN_BANDS")
+    for extra in ([], ["--slice", "64"]):
+        out = tmp_path / f"out{len(extra)}"
+        args = ["predict", "--weights", str(multiband), "--source", str(tmp_path / "scene.tif")]
+        assert main([*args, "--out", str(out), *extra]) == 0
+        assert json.loads((out / "predictions.json").read_text()) is not None
+        drawn = np.asarray(Image.open(out / "scene.png"))
+        assert drawn.shape == (96, 128, 3) and drawn.dtype == np.uint8

@@ -758,9 +758,7 @@ def test_16bit_and_multiband_tiffs_read_as_stretched_rgb(tmp_path, monkeypatch, 
 
     # four bands (B, G, R, NIR), each constant: 1000, 2000, 3000, 4000
     bands = np.stack([np.full((20, 30), 1000 * (k + 1), np.uint16) for k in range(4)], axis=2)
-    contig = _tiff(
-        tmp_path / "bgrn.tif", bands, photometric="minisblack", planarconfig="contig"
-    )
+    contig = _tiff(tmp_path / "bgrn.tif", bands, photometric="minisblack", planarconfig="contig")
     planar = _tiff(
         tmp_path / "bgrn_planar.tif",
         np.moveaxis(bands, 2, 0).copy(),

@@ -59,6 +59,7 @@ def _cmd_export(args) -> int:
         classes=ckpt["classes"],
         category_ids=ckpt.get("category_ids"),
         config=config,
+        bands=ckpt.get("bands"),
         size=args.size,
         dynamic=args.dynamic,
         opset=args.opset or DEFAULT_OPSET,

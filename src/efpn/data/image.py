@@ -9,7 +9,15 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .records import DataError
 
-__all__ = ["file_sizes", "image_sizes", "load_rgb", "max_pixels", "stretch_to_uint8"]
+__all__ = [
+    "band_setting",
+    "file_sizes",
+    "image_sizes",
+    "load_rgb",
+    "max_pixels",
+    "stretch_to_uint8",
+    "use_bands_of",
+]
 
 _ORIENTATION = 0x0112  # the EXIF tag; 5-8 turn the image by 90 degrees
 
@@ -246,6 +254,39 @@ def _bands() -> tuple[int, ...] | None:
             f"EFPN_BANDS={text!r}: expected one band or three, 1-based, e.g. EFPN_BANDS=3,2,1"
         )
     return bands
+
+
+def band_setting() -> str | None:
+    """``EFPN_BANDS`` as checkpoints record it (``"3,2,1"``), ``None`` when unset."""
+    bands = _bands()
+    return ",".join(map(str, bands)) if bands else None
+
+
+def use_bands_of(recorded: str | None, source) -> None:
+    """Read images with the bands a model was trained on: a checkpoint records
+    ``EFPN_BANDS``; when it is unset here, it is set to the recorded bands (so that
+    ``val`` and ``predict`` read the scenes as training did); a different setting is
+    kept, with a warning."""
+    import logging
+    import os
+
+    current = band_setting()
+    if recorded is None or current == recorded:
+        if recorded is None and current is not None:
+            logging.getLogger("efpn.data").warning(
+                f"{source}: trained without EFPN_BANDS (bands 1, 2, 3), read here with "
+                f"EFPN_BANDS={current}"
+            )
+        return
+    if current is None:
+        os.environ["EFPN_BANDS"] = recorded
+        logging.getLogger("efpn.data").info(
+            f"{source}: reading images with EFPN_BANDS={recorded}, as it was trained"
+        )
+    else:
+        logging.getLogger("efpn.data").warning(
+            f"{source}: trained with EFPN_BANDS={recorded}, read here with EFPN_BANDS={current}"
+        )
 
 
 def _pick_bands(path, arr: np.ndarray) -> np.ndarray:

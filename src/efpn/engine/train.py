@@ -32,6 +32,7 @@ from ..data import (
     generate,
     read_dataset,
 )
+from ..data.image import band_setting, use_bands_of
 from ..data.records import DataError, DetectionData
 from ..distill import distillation_loss, freeze_all_but_new_modules, source_teacher_batch
 from ..models import efpn_fpn, load_baseline_state_dict
@@ -255,6 +256,7 @@ def model_from_checkpoint(
         if not hasattr(cfg.model, key):
             raise ValueError(f"{path}: unknown model setting {key!r}")
         setattr(cfg.model, key, value)
+    use_bands_of(ckpt.get("bands"), path)
     model = build_model(cfg, len(ckpt["classes"]) + 1, ckpt["extended"])
     try:
         model.load_state_dict(ckpt["model"])
@@ -277,6 +279,7 @@ def detector_from_file(path: str | Path, device="cpu", **model_overrides) -> tup
         from ..export import OnnxDetector
 
         detector = OnnxDetector(path)
+        use_bands_of(detector.meta.get("bands"), path)
         return detector, detector.checkpoint()
     return model_from_checkpoint(path, device, **model_overrides)
 
@@ -564,6 +567,7 @@ class Trainer:
                 "config": cfg.to_dict(),
                 "classes": self.classes,
                 "category_ids": list(self.train_data.category_ids),
+                "bands": band_setting(),
                 "stage": stage,
                 "extended": stage > 1,
                 "trainable": trainable,
