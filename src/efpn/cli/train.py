@@ -355,6 +355,12 @@ def _add_predict(sub) -> None:
         help="also write YOLO labels (out/labels/, classes.txt) of the boxes at --score-thresh",
     )
     p.add_argument("--save-conf", action="store_true", help="with --save-txt: append each score")
+    p.add_argument(
+        "--save-geojson",
+        action="store_true",
+        help="also write the boxes at --score-thresh of georeferenced scenes (GeoTIFF, world "
+        "file) as map polygons, predictions.geojson",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars or summary line")
     add_override_args(p, "inference settings of the checkpoint's recipe, e.g. model.merge=fused")
     p.set_defaults(func=_cmd_predict)
@@ -440,6 +446,7 @@ def _cmd_predict(args) -> int:
         model_overrides=inference_overrides(override_pairs(args), "predict"),
         save_txt=args.save_txt,
         save_conf=args.save_conf,
+        save_geojson=args.save_geojson,
     )
     if not args.quiet:
         print(f"drawings in {path.parent}")

@@ -14,6 +14,7 @@ from tqdm import tqdm
 from ..data.dataset import load_rgb
 from ..data.formats import IMAGE_SUFFIXES, files_in, read_dataset
 from ..data.records import DataError
+from ..geo import box_feature, georeference, write_geojson
 from ..viz import draw_detections
 from .train import detector_from_file
 
@@ -58,6 +59,55 @@ def _write_labels(path: Path, output: dict, shape, score_thresh: float, save_con
     path.write_text("".join(f"{ln}\n" for ln in lines))
 
 
+def _features(ref, output: dict, path: Path, source: Path, classes, cat_ids, score_thresh):
+    return [
+        box_feature(
+            ref,
+            b,
+            {
+                "file_name": _relative(path, source),
+                "category": classes[lab - 1],
+                "category_id": cat_ids[lab - 1],
+                "score": round(sc, 5),
+            },
+        )
+        for b, sc, lab in zip(
+            output["boxes"].tolist(), output["scores"].tolist(), output["labels"].tolist()
+        )
+        if sc >= score_thresh
+    ]
+
+
+def _write_scenes(out: Path, scenes, missing: list[Path], drawings: dict, quiet: bool) -> None:
+    """``predictions.geojson`` when every scene has one CRS, else one file per scene."""
+    if missing:
+        print(
+            f"--save-geojson: {len(missing)} image(s) carry no georeference (GeoTIFF tags or "
+            f"a world file) and are left out (first: {missing[0]})",
+            file=sys.stderr,
+            flush=True,
+        )
+    if not scenes:
+        return
+    crs = {epsg for _, epsg, _ in scenes}
+    if len(crs) == 1:
+        written = write_geojson(
+            out / "predictions.geojson", [f for _, _, fs in scenes for f in fs], crs.pop()
+        )
+    else:
+        for p, epsg, features in scenes:
+            target = out / "geojson" / Path(drawings[p]).with_suffix(".geojson")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_geojson(target, features, epsg)
+        written = out / "geojson"
+    if not quiet:
+        print(
+            f"{len(scenes)} georeferenced scene(s): map polygons in {written}"
+            + ("" if len(crs) <= 1 else f" (one file per scene: {len(crs)} CRSs)"),
+            flush=True,
+        )
+
+
 @torch.no_grad()
 def predict(
     weights: str | Path,
@@ -76,6 +126,7 @@ def predict(
     model_overrides: dict | None = None,
     save_txt: bool = False,
     save_conf: bool = False,
+    save_geojson: bool = False,
 ) -> Path:
     """Detect objects in ``source`` (an image or a folder) with a checkpoint.
 
@@ -94,6 +145,10 @@ def predict(
     boxes at ``score_thresh`` or above, ``out/labels/<path relative to source>.txt``
     (``class cx cy w h`` normalised, one file per image, empty without a box; a dataset
     to correct and train on, with ``classes.txt``); ``save_conf`` appends each score.
+    ``save_geojson`` writes the boxes at ``score_thresh`` or above of georeferenced
+    scenes (GeoTIFF tags or a world file, :func:`efpn.geo.georeference`) as map polygons,
+    ``out/predictions.geojson``, or one file per scene in ``out/geojson/`` when the scenes'
+    CRSs differ; scenes without a georeference are counted and named.
     """
     from ..slicing import predict_sliced
 
@@ -115,6 +170,8 @@ def predict(
             )
         gt_by_name = {r.file_name: r for r in gt.images}
     results, kept, skipped = [], 0, 0
+    scenes: list[tuple[Path, int | None, list[dict]]] = []  # --save-geojson, per scene
+    not_georeferenced: list[Path] = []
     tty = sys.stderr.isatty()
     step = 1 if slice_size else batch_size
     ids = {p: k + 1 for k, p in enumerate(paths)}
@@ -183,6 +240,14 @@ def predict(
             drawing = out / drawings[p]
             drawing.parent.mkdir(parents=True, exist_ok=True)
             drawn.save(drawing)
+            if save_geojson:
+                ref = georeference(p)
+                if ref is None:
+                    not_georeferenced.append(p)
+                else:
+                    scenes.append(
+                        (p, ref.epsg, _features(ref, o, p, source, classes, cat_ids, score_thresh))
+                    )
             if save_txt:
                 _write_labels(
                     out / "labels" / Path(drawings[p]).with_suffix(".txt"),
@@ -197,6 +262,8 @@ def predict(
     path.write_text(json.dumps(results))
     if save_txt:
         (out / "classes.txt").write_text("\n".join(classes) + "\n")
+    if save_geojson:
+        _write_scenes(out, scenes, not_georeferenced, drawings, quiet)
     if skipped:
         print(
             f"{source}: skipped {skipped} of {len(paths)} image(s) that could not be read "

@@ -1,0 +1,159 @@
+"""Detections in map coordinates: the georeference of a scene (GeoTIFF tags or a world
+file) and GeoJSON output, so that ``efpn predict --save-geojson`` results open in QGIS or
+GDAL on top of the scene."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from .data.records import DataError
+
+__all__ = ["GeoReference", "box_feature", "georeference", "write_geojson"]
+
+_PIXEL_SCALE, _TIEPOINT, _TRANSFORMATION, _GEOKEYS = 33550, 33922, 34264, 34735
+_RASTER_TYPE, _GEOGRAPHIC_CRS, _PROJECTED_CRS = 1025, 2048, 3072
+_PIXEL_IS_POINT = 2
+_USER_DEFINED = 32767
+# world-file suffixes as GDAL and ESRI name them: .tfw next to .tif, .pgw next to .png, ...
+_WORLD_SUFFIXES = {".tif": ".tfw", ".tiff": ".tfw", ".png": ".pgw", ".jpg": ".jgw", ".jpeg": ".jgw"}
+
+
+@dataclass(frozen=True)
+class GeoReference:
+    """An affine map from pixel coordinates (x right, y down, ``(0, 0)`` at the top left
+    corner of the top left pixel) to map coordinates: ``X = a x + b y + c``,
+    ``Y = d x + e y + f``; ``epsg`` names the map's CRS when the source says which."""
+
+    a: float
+    b: float
+    c: float
+    d: float
+    e: float
+    f: float
+    epsg: int | None = None
+
+    def to_map(self, x: float, y: float) -> tuple[float, float]:
+        return self.a * x + self.b * y + self.c, self.d * x + self.e * y + self.f
+
+
+def georeference(path: str | Path) -> GeoReference | None:
+    """The scene's georeference, or ``None`` when it has none: GeoTIFF tags (a model
+    transformation, or a tie point with a pixel scale; "pixel is point" rasters are
+    shifted by half a pixel, as GDAL does), else a world file next to the image
+    (``scene.tfw``, ``.pgw``, ``.jgw`` or ``scene.wld``)."""
+    path = Path(path)
+    found = _geotiff(path) if path.suffix.lower() in (".tif", ".tiff") else None
+    return found if found is not None else _world_file(path)
+
+
+def _geotiff(path: Path) -> GeoReference | None:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            tags = tif.pages[0].tags
+            values = {
+                k: tags[k].value
+                for k in (_PIXEL_SCALE, _TIEPOINT, _TRANSFORMATION, _GEOKEYS)
+                if k in tags
+            }
+    except Exception:  # not readable as a TIFF: load_rgb names the problem
+        return None
+    keys = _geokeys(values.get(_GEOKEYS))
+    epsg = keys.get(_PROJECTED_CRS) or keys.get(_GEOGRAPHIC_CRS)
+    epsg = None if epsg in (None, 0, _USER_DEFINED) else int(epsg)
+    if _TRANSFORMATION in values and len(values[_TRANSFORMATION]) == 16:
+        m = [float(v) for v in values[_TRANSFORMATION]]
+        ref = GeoReference(m[0], m[1], m[3], m[4], m[5], m[7], epsg)
+    elif _TIEPOINT in values and _PIXEL_SCALE in values:
+        tie, scale = values[_TIEPOINT], values[_PIXEL_SCALE]
+        if len(tie) < 6 or len(scale) < 2:
+            return None
+        i, j, _, x, y, _ = (float(v) for v in tie[:6])
+        sx, sy = float(scale[0]), float(scale[1])
+        ref = GeoReference(sx, 0.0, x - i * sx, 0.0, -sy, y + j * sy, epsg)
+    else:
+        return None
+    if keys.get(_RASTER_TYPE) == _PIXEL_IS_POINT:  # the tie point is a pixel's centre
+        ref = _shift_half_pixel(ref)
+    return ref if _finite(ref) else None
+
+
+def _geokeys(directory) -> dict[int, int]:
+    """The GeoKeyDirectory's keys stored in the directory itself (the CRS codes and the
+    raster type are; keys stored in other tags are not needed here)."""
+    if directory is None or len(directory) < 4:
+        return {}
+    count = int(directory[3])
+    keys = {}
+    for k in range(count):
+        entry = directory[4 + 4 * k : 8 + 4 * k]
+        if len(entry) == 4 and int(entry[1]) == 0:
+            keys[int(entry[0])] = int(entry[3])
+    return keys
+
+
+def _shift_half_pixel(r: GeoReference) -> GeoReference:
+    return GeoReference(
+        r.a, r.b, r.c - 0.5 * (r.a + r.b), r.d, r.e, r.f - 0.5 * (r.d + r.e), r.epsg
+    )
+
+
+def _finite(r: GeoReference) -> bool:
+    return all(math.isfinite(v) for v in (r.a, r.b, r.c, r.d, r.e, r.f)) and (
+        r.a * r.e - r.b * r.d != 0
+    )
+
+
+def _world_file(path: Path) -> GeoReference | None:
+    candidates = [path.with_suffix(".wld")]
+    if path.suffix.lower() in _WORLD_SUFFIXES:
+        candidates.insert(0, path.with_suffix(_WORLD_SUFFIXES[path.suffix.lower()]))
+    for world in candidates:
+        if not world.is_file():
+            continue
+        lines = [ln.strip() for ln in world.read_text(errors="replace").splitlines() if ln.strip()]
+        try:
+            a, d, b, e, c, f = (float(v) for v in lines[:6])
+        except ValueError:
+            raise DataError(f"{world}: a world file holds six numbers, one per line") from None
+        # (c, f) is the centre of the top left pixel
+        ref = _shift_half_pixel(GeoReference(a, b, c, d, e, f))
+        if not _finite(ref):
+            raise DataError(f"{world}: its six numbers do not map pixels to a map")
+        return ref
+    return None
+
+
+def write_geojson(path: str | Path, features: list[dict], epsg: int | None) -> Path:
+    """A GeoJSON FeatureCollection; a CRS other than WGS 84 is named with the ``crs``
+    member that GDAL and QGIS read (RFC 7946 drops it, but its coordinates must be
+    WGS 84 longitudes and latitudes, which a projected scene's are not)."""
+    collection: dict = {"type": "FeatureCollection"}
+    if epsg is not None and epsg != 4326:
+        collection["crs"] = {
+            "type": "name",
+            "properties": {"name": f"urn:ogc:def:crs:EPSG::{epsg}"},
+        }
+    collection["features"] = features
+    path = Path(path)
+    path.write_text(json.dumps(collection))
+    return path
+
+
+def box_feature(ref: GeoReference, box, properties: dict) -> dict:
+    """A detection box ``(x1, y1, x2, y2)`` in pixels as a map polygon (a rotated
+    rectangle when the georeference rotates), with its properties."""
+    x1, y1, x2, y2 = box
+    ring = [ref.to_map(x, y) for x, y in ((x1, y1), (x2, y1), (x2, y2), (x1, y2), (x1, y1))]
+    area = sum(p[0] * q[1] - q[0] * p[1] for p, q in zip(ring, ring[1:]))
+    if area < 0:  # RFC 7946: exterior rings run counterclockwise
+        ring.reverse()
+    return {
+        "type": "Feature",
+        "geometry": {"type": "Polygon", "coordinates": [[list(p) for p in ring]]},
+        "properties": properties,
+    }

@@ -1,0 +1,126 @@
+"""Georeferenced scenes: GeoTIFF tags and world files to map coordinates, GeoJSON output."""
+
+import json
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from efpn.cli import main
+from efpn.data import DataError
+from efpn.geo import GeoReference, box_feature, georeference
+
+UTM33N = 32633
+
+
+def _geokeys(epsg, raster_type=1):
+    # version 1.1.0, two keys: GTRasterTypeGeoKey and ProjectedCSTypeGeoKey
+    return [1, 1, 0, 2, 1025, 0, 1, raster_type, 3072, 0, 1, epsg]
+
+
+def _geotiff(path, *, epsg=UTM33N, raster_type=1, transform=None, shape=(64, 96)):
+    rng = np.random.default_rng(0)
+    keys = _geokeys(epsg, raster_type)
+    tags = [(34735, "H", len(keys), keys, True)]
+    if transform is None:  # 0.5 m pixels, top left corner at (500000, 4000000)
+        tags += [
+            (33550, "d", 3, (0.5, 0.5, 0.0), True),
+            (33922, "d", 6, (0, 0, 0, 500000.0, 4000000.0, 0), True),
+        ]
+    else:
+        tags.append((34264, "d", 16, transform, True))
+    arr = rng.integers(0, 255, (*shape, 3), dtype=np.uint8)
+    tifffile.imwrite(path, arr, photometric="rgb", extratags=tags)
+    return path
+
+
+def test_geotiff_tags_map_pixels_as_gdal_does(tmp_path):
+    ref = georeference(_geotiff(tmp_path / "area.tif"))
+    assert ref.epsg == UTM33N
+    assert ref.to_map(0, 0) == (500000.0, 4000000.0)  # the top left pixel's corner
+    assert ref.to_map(10, 4) == (500005.0, 3999998.0)
+    # "pixel is point": the tie point is the top left pixel's centre
+    point = georeference(_geotiff(tmp_path / "point.tif", raster_type=2))
+    assert point.to_map(0.5, 0.5) == (500000.0, 4000000.0)
+    # a model transformation, rotated by 90 degrees
+    m = (0, 2.0, 0, 10.0, 2.0, 0, 0, 20.0, 0, 0, 0, 0, 0, 0, 0, 1)
+    rot = georeference(_geotiff(tmp_path / "rot.tif", transform=m))
+    assert rot.to_map(3, 1) == (12.0, 26.0)
+    # without tags: none
+    plain = tmp_path / "plain.tif"
+    tifffile.imwrite(plain, np.zeros((8, 8, 3), np.uint8), photometric="rgb")
+    assert georeference(plain) is None
+
+
+def test_world_files_and_their_errors(tmp_path):
+    image = tmp_path / "scene.png"
+    Image.new("RGB", (20, 10)).save(image)
+    assert georeference(image) is None
+    # the world file gives the top left pixel's centre
+    (tmp_path / "scene.pgw").write_text("0.5\n0\n0\n-0.5\n100.25\n200.75\n")
+    ref = georeference(image)
+    assert ref.to_map(0, 0) == (100.0, 201.0) and ref.epsg is None
+    (tmp_path / "scene.pgw").write_text("0.5\n0\nzero\n")
+    with pytest.raises(DataError, match=r"scene\.pgw: a world file holds six numbers"):
+        georeference(image)
+    (tmp_path / "scene.pgw").unlink()
+    (tmp_path / "scene.wld").write_text("0\n0\n0\n0\n1\n1\n")  # maps every pixel to one point
+    with pytest.raises(DataError, match="do not map pixels"):
+        georeference(image)
+
+
+def test_box_features_are_closed_counterclockwise_map_rings():
+    ref = GeoReference(0.5, 0.0, 1000.0, 0.0, -0.5, 2000.0)
+    f = box_feature(ref, (2, 4, 6, 10), {"score": 0.9})
+    ring = f["geometry"]["coordinates"][0]
+    assert ring[0] == ring[-1] and len(ring) == 5
+    assert {tuple(p) for p in ring} == {
+        (1001.0, 1998.0),
+        (1003.0, 1998.0),
+        (1003.0, 1995.0),
+        (1001.0, 1995.0),
+    }
+    area = sum(p[0] * q[1] - q[0] * p[1] for p, q in zip(ring, ring[1:]))
+    assert area == pytest.approx(2 * 2.0 * 3.0)  # twice the area, counterclockwise
+    assert f["properties"] == {"score": 0.9}
+
+
+def test_predict_save_geojson(trained_run, tmp_path, capsys):
+    run, _ = trained_run
+    weights = str(run / "stage3" / "best.pt")
+    scenes = tmp_path / "scenes"
+    scenes.mkdir()
+    _geotiff(scenes / "a.tif")
+    Image.new("RGB", (96, 64), (90, 90, 90)).save(scenes / "photo.png")
+    out = tmp_path / "out"
+    args = ["predict", "--weights", weights, "--source", str(scenes), "--conf", "0"]
+    assert main([*args, "--out", str(out), "--save-geojson"]) == 0
+    err = capsys.readouterr().err
+    assert "1 image(s) carry no georeference" in err and "photo.png" in err
+    found = json.loads((out / "predictions.geojson").read_text())
+    assert found["crs"]["properties"]["name"] == "urn:ogc:def:crs:EPSG::32633"
+    dets = [
+        d for d in json.loads((out / "predictions.json").read_text()) if d["file_name"] == "a.tif"
+    ]
+    assert len(found["features"]) == len(dets) > 0
+    ref = georeference(scenes / "a.tif")
+    for feature, d in zip(found["features"], dets):
+        x, y, w, h = d["bbox"]
+        ring = feature["geometry"]["coordinates"][0]
+        np.testing.assert_allclose(
+            sorted(map(tuple, ring[:4])),
+            sorted(
+                ref.to_map(px, py) for px, py in ((x, y), (x + w, y), (x + w, y + h), (x, y + h))
+            ),
+        )
+        assert feature["properties"]["category"] == d["category"]
+        assert feature["properties"]["score"] == pytest.approx(d["score"], abs=1e-5)
+    # scenes in two CRSs: one file per scene
+    _geotiff(scenes / "b.tif", epsg=32632)
+    out2 = tmp_path / "out2"
+    assert main([*args, "--out", str(out2), "--save-geojson", "--quiet"]) == 0
+    assert not (out2 / "predictions.geojson").exists()
+    per_scene = {p.name: json.loads(p.read_text()) for p in (out2 / "geojson").glob("*.geojson")}
+    assert set(per_scene) == {"a.geojson", "b.geojson"}
+    assert per_scene["b.geojson"]["crs"]["properties"]["name"].endswith("EPSG::32632")
