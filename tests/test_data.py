@@ -781,6 +781,13 @@ def test_16bit_and_multiband_tiffs_read_as_stretched_rgb(tmp_path, monkeypatch, 
             load_rgb(contig)
         assert "\n" not in str(e.value)
     monkeypatch.delenv("EFPN_BANDS")
+    # memory: 30x20 pixels of 8 bytes count as 1600 RGB pixels
+    monkeypatch.setenv("EFPN_MAX_PIXELS", "1000")
+    with pytest.raises(DataError, match=r"30x20 is 0 megapixels of 8 bytes \(0 as RGB\)"):
+        load_rgb(contig)
+    monkeypatch.setenv("EFPN_MAX_PIXELS", "1600")
+    load_rgb(contig)
+    monkeypatch.delenv("EFPN_MAX_PIXELS")
 
     # a GeoTIFF's nodata (outside the footprint) is left out of the range and read as 0
     scene = np.full((20, 20), 3000, np.uint16)

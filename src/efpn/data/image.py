@@ -39,17 +39,25 @@ def max_pixels(sliced: bool = False) -> int:
         raise DataError(f"{name}={os.environ[name]!r}: expected a whole number of pixels") from None
 
 
-def check_size(path, width: int, height: int, sliced: bool = False) -> None:
+def check_size(
+    path, width: int, height: int, sliced: bool = False, bytes_per_pixel: int = 3
+) -> None:
+    """Refuse an image over :func:`max_pixels`; one whose decoded pixels take more than
+    the 3 bytes of 8-bit RGB (16-bit or multi-band scenes) counts for as many RGB pixels
+    as its bytes would fill."""
     limit = max_pixels(sliced)
-    if width * height > limit:
+    weight = max(1.0, bytes_per_pixel / 3)
+    if width * height * weight > limit:
         hint = (
             "raise EFPN_MAX_SLICED_PIXELS to read it"
             if sliced
             else "detect such scenes with --slice, or raise EFPN_MAX_PIXELS"
         )
+        size = f"{width * height / 1e6:.0f} megapixels"
+        if weight > 1:
+            size += f" of {bytes_per_pixel} bytes ({width * height * weight / 1e6:.0f} as RGB)"
         raise DataError(
-            f"{path}: {width}x{height} is {width * height / 1e6:.0f} megapixels, over the limit "
-            f"of {limit / 1e6:.0f}; {hint}"
+            f"{path}: {width}x{height} is {size}, over the limit of {limit / 1e6:.0f}; {hint}"
         )
 
 
@@ -334,7 +342,8 @@ def read_tiff_rgb(path: str | Path, sliced: bool = False, upright: bool = True) 
     with _open_tiff(path) as tif:
         page = tif.pages[0]
         w, h = _tiff_width_height(path, page)
-        check_size(path, w, h, sliced=sliced)
+        depth = int(np.prod(page.shape)) // (w * h) * np.dtype(page.dtype).itemsize
+        check_size(path, w, h, sliced=sliced, bytes_per_pixel=depth)
         try:
             arr = page.asarray()
         except Exception as e:  # missing codec, truncated strips
