@@ -171,6 +171,8 @@ def predict(
         gt_by_name = {r.file_name: r for r in gt.images}
     results, kept, skipped = [], 0, 0
     scenes: list[tuple[Path, int | None, list[dict]]] = []  # --save-geojson, per scene
+    # read before any inference: a bad world file stops the run before it costs anything
+    refs = {p: georeference(p) for p in paths} if save_geojson else {}
     not_georeferenced: list[Path] = []
     tty = sys.stderr.isatty()
     step = 1 if slice_size else batch_size
@@ -241,7 +243,7 @@ def predict(
             drawing.parent.mkdir(parents=True, exist_ok=True)
             drawn.save(drawing)
             if save_geojson:
-                ref = georeference(p)
+                ref = refs[p]
                 if ref is None:
                     not_georeferenced.append(p)
                 else:
