@@ -797,6 +797,11 @@ def test_16bit_and_multiband_tiffs_read_as_stretched_rgb(tmp_path, monkeypatch, 
     out = load_rgb(geo)
     assert out[0, 0].tolist() == [0, 0, 0]
     assert out[10, 0, 0] == 255 and out[10, 15, 0] == 0  # stretched over 1000..3000
+    # complex radar samples read as their amplitude
+    sar = _tiff(tmp_path / "sar.tif", (scene * (0.6 + 0.8j)).astype(np.complex64))
+    np.testing.assert_array_equal(
+        load_rgb(sar), stretch_to_uint8(np.abs(scene * 1.0)[..., None].repeat(3, 2))
+    )
     # a YOLO dataset of such scenes reads its sizes from the headers
     root = tmp_path / "yolo"
     (root / "images").mkdir(parents=True)

@@ -353,6 +353,8 @@ def read_tiff_rgb(path: str | Path, sliced: bool = False, upright: bool = True) 
             arr = np.moveaxis(arr, 0, -1)
         elif arr.ndim == 2:
             arr = arr[..., None]
+        if np.iscomplexobj(arr):  # complex radar (SAR) samples: their amplitude
+            arr = np.abs(arr)
         orientation = _tiff_orientation(page) if upright else 1
         nodata = _tiff_nodata(page)
     rgb = stretch_to_uint8(_pick_bands(path, arr), nodata=nodata)
