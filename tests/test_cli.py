@@ -436,22 +436,25 @@ def test_predict_save_txt_writes_yolo_labels_of_the_drawn_boxes(trained_run, tmp
     assert "--save-conf set without --save-txt" in capsys.readouterr().err
 
 
-def test_checkpoints_carry_the_bands_they_were_trained_on(
-    trained_run, tmp_path, monkeypatch, caplog
-):
+def test_checkpoints_carry_how_images_were_read(trained_run, tmp_path, monkeypatch, caplog):
     import logging
+    from types import SimpleNamespace
+
+    from efpn.engine.train import Trainer
 
     run, _ = trained_run
     weights = run / "stage3" / "best.pt"
     ckpt = torch.load(weights, weights_only=True)
-    assert ckpt["bands"] is None  # trained without EFPN_BANDS
-    ckpt["bands"] = "3,2,1"
+    assert ckpt["image_reading"] == {}  # trained without EFPN_BANDS or EFPN_RANGE
+    ckpt["image_reading"] = {"EFPN_BANDS": "3,2,1", "EFPN_RANGE": "0,4095"}
     multiband = tmp_path / "bgrn.pt"
     torch.save(ckpt, multiband)
-    monkeypatch.setenv("EFPN_BANDS", "1")
-    monkeypatch.delenv("EFPN_BANDS")  # restored (unset) after the test
+    for name in ("EFPN_BANDS", "EFPN_RANGE"):
+        monkeypatch.setenv(name, "1")
+        monkeypatch.delenv(name)  # restored (unset) after the test
     model_from_checkpoint(multiband)
-    assert os.environ["EFPN_BANDS"] == "3,2,1"  # val and predict read as training did
+    # val and predict read as training did
+    assert (os.environ["EFPN_BANDS"], os.environ["EFPN_RANGE"]) == ("3,2,1", "0,4095")
     monkeypatch.setenv("EFPN_BANDS", "4")
     with caplog.at_level(logging.WARNING, logger="efpn.data"):
         model_from_checkpoint(multiband)
@@ -460,6 +463,11 @@ def test_checkpoints_carry_the_bands_they_were_trained_on(
     said = [r.getMessage() for r in caplog.records]
     assert f"{multiband}: trained with EFPN_BANDS=3,2,1, read here with EFPN_BANDS=4" in said
     assert any("trained without EFPN_BANDS" in m for m in said)
+    # training goes on only with the reading its checkpoints were trained with
+    trainer = SimpleNamespace(image_reading={"EFPN_BANDS": "4"})
+    with pytest.raises(ValueError, match="EFPN_BANDS=3,2,1 EFPN_RANGE=0,4095, this run reads"):
+        Trainer._same_reading(trainer, ckpt, multiband)
+    Trainer._same_reading(SimpleNamespace(image_reading=ckpt["image_reading"]), ckpt, multiband)
     # a 16-bit four-band scene predicts, whole and sliced, drawn as 8-bit RGB
     import tifffile
 
@@ -467,6 +475,7 @@ def test_checkpoints_carry_the_bands_they_were_trained_on(
     scene = rng.integers(200, 3000, (96, 128, 4), dtype=np.uint16)
     tifffile.imwrite(tmp_path / "scene.tif", scene, photometric="minisblack", planarconfig="contig")
     monkeypatch.delenv("EFPN_BANDS")
+    monkeypatch.delenv("EFPN_RANGE")
     for extra in ([], ["--slice", "64"]):
         out = tmp_path / f"out{len(extra)}"
         args = ["predict", "--weights", str(multiband), "--source", str(tmp_path / "scene.tif")]

@@ -797,6 +797,14 @@ def test_16bit_and_multiband_tiffs_read_as_stretched_rgb(tmp_path, monkeypatch, 
     out = load_rgb(geo)
     assert out[0, 0].tolist() == [0, 0, 0]
     assert out[10, 0, 0] == 255 and out[10, 15, 0] == 0  # stretched over 1000..3000
+    # EFPN_RANGE: one fixed range for every image
+    monkeypatch.setenv("EFPN_RANGE", "1000, 5000")
+    assert load_rgb(geo)[10, 0, 0] == 128 and load_rgb(geo)[10, 15, 0] == 0
+    for bad in ("5000,1000", "0", "a,b", "nan,1"):
+        monkeypatch.setenv("EFPN_RANGE", bad)
+        with pytest.raises(DataError, match="EFPN_RANGE=.*expected two numbers LOW,HIGH"):
+            load_rgb(geo)
+    monkeypatch.delenv("EFPN_RANGE")
     # complex radar samples read as their amplitude
     sar = _tiff(tmp_path / "sar.tif", (scene * (0.6 + 0.8j)).astype(np.complex64))
     np.testing.assert_array_equal(

@@ -80,7 +80,13 @@ def test_export_validates_and_records_metadata(tmp_path):
     model = _model()
     path = tmp_path / "m.onnx"
     info = export_onnx(
-        model, path, classes=CLASSES, category_ids=[3, 5, 9], bands="3,2,1", dynamic=True, size=128
+        model,
+        path,
+        classes=CLASSES,
+        category_ids=[3, 5, 9],
+        image_reading={"EFPN_BANDS": "3,2,1"},
+        dynamic=True,
+        size=128,
     )
     # checked at the trace size and at a second, non-square one
     assert [(c["height"], c["width"]) for c in info["checked"]] == [(128, 128), (96, 160)]
@@ -90,7 +96,8 @@ def test_export_validates_and_records_metadata(tmp_path):
     meta = detector.meta
     assert meta["image_mean"] == list(model.transform.image_mean)
     assert meta["min_size"] == 128 and meta["max_size"] == 192 and meta["dynamic"] is True
-    assert detector.checkpoint()["bands"] == "3,2,1"  # scenes read as training read them
+    # scenes read as training read them
+    assert detector.checkpoint()["image_reading"] == {"EFPN_BANDS": "3,2,1"}
     assert not list(tmp_path.glob(".*tmp"))  # written atomically
 
 

@@ -167,7 +167,7 @@ def export_onnx(
     classes: list[str],
     category_ids: list[int] | None = None,
     config: dict | None = None,
-    bands: str | None = None,
+    image_reading: dict | None = None,
     size: int | None = None,
     dynamic: bool = False,
     opset: int = DEFAULT_OPSET,
@@ -181,8 +181,9 @@ def export_onnx(
         classes: class names, in label order (label 1 is ``classes[0]``).
         category_ids: the dataset's category id of each class (default 1..K).
         config: the recipe, recorded in the metadata (``efpn val`` reads its val split).
-        bands: the ``EFPN_BANDS`` the model was trained with (its checkpoint's
-            ``bands``), so that efpn reads scenes for the file as training did.
+        image_reading: how the training images were read (the checkpoint's
+            ``image_reading``: ``EFPN_BANDS``, ``EFPN_RANGE``), so that efpn reads
+            scenes for the file as training did.
         size: the square input side the graph is traced at; without ``dynamic``, the
             only input size it accepts. Default: the model's ``max_size``.
         dynamic: accept any height and width.
@@ -208,7 +209,7 @@ def export_onnx(
         "classes": list(classes),
         "category_ids": list(category_ids or range(1, len(classes) + 1)),
         "config": config,
-        "bands": bands,
+        "image_reading": image_reading or {},
     }
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -366,7 +367,7 @@ class OnnxDetector:
             "category_ids": self.category_ids,
             "config": self.meta.get("config"),
             "extended": self.extended,
-            "bands": self.meta.get("bands"),
+            "image_reading": self.meta.get("image_reading") or {},
         }
 
     def __call__(self, images: list[Tensor]) -> list[dict[str, Tensor]]:

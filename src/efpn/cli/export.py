@@ -59,7 +59,7 @@ def _cmd_export(args) -> int:
         classes=ckpt["classes"],
         category_ids=ckpt.get("category_ids"),
         config=config,
-        bands=ckpt.get("bands"),
+        image_reading=ckpt.get("image_reading"),
         size=args.size,
         dynamic=args.dynamic,
         opset=args.opset or DEFAULT_OPSET,

@@ -10,13 +10,14 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .records import DataError
 
 __all__ = [
-    "band_setting",
+    "READING_VARIABLES",
     "file_sizes",
     "image_sizes",
     "load_rgb",
     "max_pixels",
     "stretch_to_uint8",
-    "use_bands_of",
+    "reading_settings",
+    "use_reading_of",
 ]
 
 _ORIENTATION = 0x0112  # the EXIF tag; 5-8 turn the image by 90 degrees
@@ -103,6 +104,8 @@ def load_rgb(path: str | Path, sliced: bool = False, upright: bool = True) -> np
       percentiles of their values (one range for all bands, so colours keep their
       balance; a GeoTIFF's nodata value is left out and read as 0), as GIS viewers show
       them. Sensor data in 11 to 14 bits would be nearly black scaled by 65535.
+      ``EFPN_RANGE=LOW,HIGH`` maps one fixed range instead, the same for every image
+      (tiles of one sensor keep their relative brightness).
     - TIFFs with more than three bands are read as the RGB of bands 1, 2, 3;
       ``EFPN_BANDS`` picks others (1-based, as GDAL counts, e.g. ``EFPN_BANDS=3,2,1``
       for a BGR-NIR scene). Such TIFFs and 16-bit colour TIFFs are read with tifffile.
@@ -152,7 +155,8 @@ def _pil_rgb(im: Image.Image, upright: bool) -> np.ndarray:
 def stretch_to_uint8(arr: np.ndarray, nodata: float | None = None) -> np.ndarray:
     """Map an ``(H, W, C)`` array of any numeric type to uint8: one linear range for all
     bands, from the 0.5th to the 99.5th percentile of the valid values (NaN, infinities
-    and ``nodata`` left out and set to 0). uint8 passes through. The percentiles come
+    and ``nodata`` left out and set to 0), or ``EFPN_RANGE`` (``LOW,HIGH``) for every
+    image alike. uint8 passes through. The percentiles come
     from a strided sample of at most about a million pixels, and the conversion runs in
     row blocks, so a gigapixel scene costs little more than its own array."""
     if arr.dtype == np.uint8:
@@ -164,7 +168,11 @@ def stretch_to_uint8(arr: np.ndarray, nodata: float | None = None) -> np.ndarray
     if nodata is not None:
         valid &= sample != nodata
     sample = sample[valid]
-    lo, hi = np.percentile(sample, (0.5, 99.5)) if sample.size else (0.0, 1.0)
+    fixed = _range()
+    if fixed is not None:
+        lo, hi = fixed
+    else:
+        lo, hi = np.percentile(sample, (0.5, 99.5)) if sample.size else (0.0, 1.0)
     if hi <= lo:  # a flat image: its one value maps to mid-gray, not to 0
         lo, hi = lo - 1.0, lo + 1.0
     out = np.empty(arr.shape, dtype=np.uint8)
@@ -264,37 +272,62 @@ def _bands() -> tuple[int, ...] | None:
     return bands
 
 
-def band_setting() -> str | None:
-    """``EFPN_BANDS`` as checkpoints record it (``"3,2,1"``), ``None`` when unset."""
-    bands = _bands()
-    return ",".join(map(str, bands)) if bands else None
+def _range() -> tuple[float, float] | None:
+    import os
+
+    text = os.environ.get("EFPN_RANGE", "").strip()
+    if not text:
+        return None
+    try:
+        lo, hi = (float(v) for v in text.replace(" ", "").split(","))
+    except ValueError:
+        lo = hi = float("nan")
+    if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
+        raise DataError(
+            f"EFPN_RANGE={text!r}: expected two numbers LOW,HIGH with HIGH above LOW, "
+            "e.g. EFPN_RANGE=0,4095 for 12-bit data"
+        )
+    return lo, hi
 
 
-def use_bands_of(recorded: str | None, source) -> None:
-    """Read images with the bands a model was trained on: a checkpoint records
-    ``EFPN_BANDS``; when it is unset here, it is set to the recorded bands (so that
-    ``val`` and ``predict`` read the scenes as training did); a different setting is
-    kept, with a warning."""
+#: the environment variables that change how images are read, as checkpoints record them
+READING_VARIABLES = ("EFPN_BANDS", "EFPN_RANGE")
+
+
+def reading_settings() -> dict[str, str]:
+    """The set variables of :data:`READING_VARIABLES`, normalised (``{"EFPN_BANDS":
+    "3,2,1"}``); checkpoints and ONNX exports record them."""
+    settings = {}
+    bands, span = _bands(), _range()
+    if bands:
+        settings["EFPN_BANDS"] = ",".join(map(str, bands))
+    if span:
+        settings["EFPN_RANGE"] = ",".join(f"{v:g}" for v in span)
+    return settings
+
+
+def use_reading_of(recorded: dict | None, source) -> None:
+    """Read images as a model was trained to see them: a variable that the checkpoint
+    records and that is unset here is set to the recorded value (so that ``val`` and
+    ``predict`` read the scenes as training did); a different setting here is kept,
+    with a warning."""
     import logging
     import os
 
-    current = band_setting()
-    if recorded is None or current == recorded:
-        if recorded is None and current is not None:
-            logging.getLogger("efpn.data").warning(
-                f"{source}: trained without EFPN_BANDS (bands 1, 2, 3), read here with "
-                f"EFPN_BANDS={current}"
-            )
-        return
-    if current is None:
-        os.environ["EFPN_BANDS"] = recorded
-        logging.getLogger("efpn.data").info(
-            f"{source}: reading images with EFPN_BANDS={recorded}, as it was trained"
-        )
-    else:
-        logging.getLogger("efpn.data").warning(
-            f"{source}: trained with EFPN_BANDS={recorded}, read here with EFPN_BANDS={current}"
-        )
+    log = logging.getLogger("efpn.data")
+    recorded = dict(recorded or {})
+    current = reading_settings()
+    for name in READING_VARIABLES:
+        was, now = recorded.get(name), current.get(name)
+        if was == now:
+            continue
+        if now is None:
+            os.environ[name] = was
+            log.info(f"{source}: reading images with {name}={was}, as it was trained")
+        elif was is None:
+            log.warning(f"{source}: trained without {name}, read here with {name}={now}")
+        else:
+            log.warning(f"{source}: trained with {name}={was}, read here with {name}={now}")
 
 
 def _pick_bands(path, arr: np.ndarray) -> np.ndarray:

@@ -32,7 +32,7 @@ from ..data import (
     generate,
     read_dataset,
 )
-from ..data.image import band_setting, use_bands_of
+from ..data.image import reading_settings, use_reading_of
 from ..data.records import DataError, DetectionData
 from ..distill import distillation_loss, freeze_all_but_new_modules, source_teacher_batch
 from ..models import efpn_fpn, load_baseline_state_dict
@@ -256,7 +256,7 @@ def model_from_checkpoint(
         if not hasattr(cfg.model, key):
             raise ValueError(f"{path}: unknown model setting {key!r}")
         setattr(cfg.model, key, value)
-    use_bands_of(ckpt.get("bands"), path)
+    use_reading_of(ckpt.get("image_reading"), path)
     model = build_model(cfg, len(ckpt["classes"]) + 1, ckpt["extended"])
     try:
         model.load_state_dict(ckpt["model"])
@@ -279,7 +279,7 @@ def detector_from_file(path: str | Path, device="cpu", **model_overrides) -> tup
         from ..export import OnnxDetector
 
         detector = OnnxDetector(path)
-        use_bands_of(detector.meta.get("bands"), path)
+        use_reading_of(detector.meta.get("image_reading"), path)
         return detector, detector.checkpoint()
     return model_from_checkpoint(path, device, **model_overrides)
 
@@ -403,6 +403,8 @@ class Trainer:
     ) -> None:
         self.cfg = cfg
         self.out = Path(out)
+        # EFPN_BANDS / EFPN_RANGE: checked before anything is read, recorded in checkpoints
+        self.image_reading = reading_settings()
         self.quiet = quiet
         self.tty = sys.stderr.isatty()
         self.stop_after_steps = stop_after_steps
@@ -541,6 +543,7 @@ class Trainer:
         start_epoch, step, best = 0, 0, -float("inf")
         if resuming:
             ckpt = load_checkpoint(sdir / "last.pt")
+            self._same_reading(ckpt, sdir / "last.pt")
             model.load_state_dict(ckpt["model"])
             if "optimizer" in ckpt:  # a finished stage's last.pt has none (nothing to resume)
                 optimizer.load_state_dict(ckpt["optimizer"])
@@ -567,7 +570,7 @@ class Trainer:
                 "config": cfg.to_dict(),
                 "classes": self.classes,
                 "category_ids": list(self.train_data.category_ids),
-                "bands": band_setting(),
+                "image_reading": self.image_reading,
                 "stage": stage,
                 "extended": stage > 1,
                 "trainable": trainable,
@@ -778,10 +781,25 @@ class Trainer:
             with open(self.out / "train.log", "a") as f:
                 f.write(line + "\n")
 
+    def _same_reading(self, ckpt: dict, path: Path) -> None:
+        """A run goes on only with the image reading its checkpoints were trained with."""
+        recorded = ckpt.get("image_reading")
+        if recorded is not None and recorded != self.image_reading:
+
+            def said(settings):
+                return " ".join(f"{k}={v}" for k, v in sorted(settings.items())) or "the defaults"
+
+            raise ValueError(
+                f"{path}: trained on images read with {said(recorded)}, this run reads them "
+                f"with {said(self.image_reading)}; set the same to go on"
+            )
+
     def _initialise(self, model: nn.Module, stage: int, path: Path) -> None:
         """Stage 1 from a trained detector (torchvision or ours; a predictor of another
         class count is left fresh); later stages from the previous stage."""
         ckpt = load_checkpoint(path)
+        if isinstance(ckpt, dict):
+            self._same_reading(ckpt, path)
         state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
         if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
             raise ValueError(
