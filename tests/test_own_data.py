@@ -379,7 +379,9 @@ def test_a_roboflow_export_trains_and_reads_as_it_is(tmp_path, capsys):
         recipe_from_data(root, imgsz=64)
 
 
-def test_dry_run_checks_the_data_and_writes_the_recipe_without_training(tmp_path, capsys):
+def test_dry_run_checks_the_data_and_writes_the_recipe_without_training(
+    tmp_path, capsys, monkeypatch
+):
     from efpn.config import load_config
 
     root = _yolo(tmp_path / "y", ["0 0.22 0.22 0.19 0.19\n"] * 5, box=(8, 8, 20, 20))
@@ -396,3 +398,7 @@ def test_dry_run_checks_the_data_and_writes_the_recipe_without_training(tmp_path
         (root / "labels" / f"{i}.txt").write_text("")
     assert main([*args[:-1], str(tmp_path / "runs" / "z")]) == 2
     assert "has a box" in capsys.readouterr().err and not (tmp_path / "runs" / "z").exists()
+    # so do the image-reading variables, even where no image needs them
+    monkeypatch.setenv("EFPN_RANGE", "9,1")
+    assert main([*args[:-1], str(tmp_path / "runs" / "r")]) == 2
+    assert "EFPN_RANGE='9,1': expected two numbers" in capsys.readouterr().err

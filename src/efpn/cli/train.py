@@ -89,8 +89,10 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 def _dry_run(cfg, out: Path) -> int:
     """Check the data and write the resolved recipe, without training."""
+    from ..data.image import reading_settings
     from ..engine.train import check_splits, load_data, write_recipe
 
+    reading_settings()  # EFPN_BANDS / EFPN_RANGE, as training checks them
     train, val = load_data(cfg, out.parent if cfg.data.format == "synth" else None)
     check_splits(train, val)
     out.mkdir(parents=True, exist_ok=True)
