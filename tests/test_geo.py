@@ -124,3 +124,118 @@ def test_predict_save_geojson(trained_run, tmp_path, capsys):
     per_scene = {p.name: json.loads(p.read_text()) for p in (out2 / "geojson").glob("*.geojson")}
     assert set(per_scene) == {"a.geojson", "b.geojson"}
     assert per_scene["b.geojson"]["crs"]["properties"]["name"].endswith("EPSG::32632")
+
+
+def _square(x1, y1, x2, y2):
+    """A pixel box as a map polygon over _geotiff's scene (0.5 m pixels)."""
+    X1, X2 = 500000 + 0.5 * x1, 500000 + 0.5 * x2
+    Y1, Y2 = 4000000 - 0.5 * y1, 4000000 - 0.5 * y2
+    return [[[X1, Y1], [X2, Y1], [X2, Y2], [X1, Y2], [X1, Y1]]]
+
+
+def _feature(props, kind, coordinates):
+    return {
+        "type": "Feature",
+        "properties": props,
+        "geometry": {"type": kind, "coordinates": coordinates},
+    }
+
+
+def _gis_dataset(root, features, crs="urn:ogc:def:crs:EPSG::32633"):
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "geojson").mkdir(exist_ok=True)
+    _geotiff(root / "images" / "area.tif")
+    doc = {"type": "FeatureCollection", "features": features}
+    if crs:
+        doc["crs"] = {"type": "name", "properties": {"name": crs}}
+    (root / "geojson" / "area.geojson").write_text(json.dumps(doc))
+    return root
+
+
+def test_gis_polygons_over_a_geotiff_read_as_pixel_boxes(tmp_path, caplog, capsys):
+    import logging
+
+    from efpn.data import read_dataset
+    from efpn.data.formats import detect_format
+
+    features = [
+        _feature({"class": "car"}, "Polygon", _square(10, 8, 20, 14)),
+        _feature(
+            {"category": "truck"},
+            "MultiPolygon",
+            [_square(30, 30, 40, 36), _square(38, 34, 50, 40)],
+        ),
+        _feature({"class": "car", "difficult": 1}, "Polygon", _square(60, 10, 66, 16)),
+        _feature({"class": "car"}, "Point", [500001.0, 3999999.0]),  # no extent: skipped, counted
+    ]
+    root = _gis_dataset(tmp_path / "gis", features)
+    assert detect_format(root) == "geojson"
+    with caplog.at_level(logging.WARNING, logger="efpn.data"):
+        data = read_dataset(root)
+    assert data.classes == ["car", "truck"]
+    r = data.images[0]
+    assert (r.file_name, r.width, r.height) == ("images/area.tif", 96, 64)
+    np.testing.assert_allclose(r.boxes, [[10, 8, 20, 14], [30, 30, 50, 40]], atol=1e-6)
+    assert r.labels.tolist() == [0, 1]
+    np.testing.assert_allclose(r.ignore, [[60, 10, 66, 16]], atol=1e-6)
+    assert any("skipped 1 point or empty feature" in m.getMessage() for m in caplog.records)
+    # into COCO with the data commands, as any other format
+    assert (
+        main(
+            [
+                "data",
+                "convert",
+                str(root),
+                "--from",
+                "geojson",
+                "--to",
+                "coco",
+                "--out",
+                str(tmp_path / "coco"),
+            ]
+        )
+        == 0
+    )
+    coco = json.loads(next((tmp_path / "coco").glob("*.json")).read_text())
+    assert sorted(a["bbox"] for a in coco["annotations"] if not a.get("iscrowd")) == [
+        [10, 8, 10, 6],
+        [30, 30, 20, 10],
+    ]
+
+
+@pytest.mark.parametrize(
+    "case, says",
+    [
+        (
+            "wgs84",
+            r"features in EPSG:4326 \(a GeoJSON without a crs member is WGS 84\), its scene area.tif in EPSG:32633; reproject them: ogr2ogr -t_srs EPSG:32633",
+        ),
+        ("no_class", r"feature 0: no class property \(one of class, category, .*; it has id\)"),
+        ("outside", r"none of its 1 features falls inside its scene area.tif \(96x64 px\)"),
+        ("no_georeference", r"its scene .*area.png has no georeference"),
+        ("bad_crs", r"its crs 'local' is not an EPSG code"),
+        ("bad_geometry", r"feature 0: unknown geometry type 'Circle'"),
+    ],
+)
+def test_gis_labels_that_cannot_be_placed_are_one_line_errors(tmp_path, case, says):
+    from efpn.data import read_dataset
+
+    feature = _feature({"class": "car"}, "Polygon", _square(10, 8, 20, 14))
+    crs = "urn:ogc:def:crs:EPSG::32633"
+    if case == "wgs84":
+        crs = None
+    elif case == "no_class":
+        feature["properties"] = {"id": 3}
+    elif case == "outside":
+        feature = _feature({"class": "car"}, "Polygon", _square(200, 200, 210, 210))
+    elif case == "bad_crs":
+        crs = "local"
+    elif case == "bad_geometry":
+        feature["geometry"]["type"] = "Circle"
+    root = _gis_dataset(tmp_path / "gis", [feature], crs=crs)
+    if case == "no_georeference":
+        (root / "images" / "area.tif").unlink()
+        Image.new("RGB", (96, 64)).save(root / "images" / "area.png")
+    with pytest.raises(DataError, match=says) as e:
+        read_dataset(root)
+    assert "\n" not in str(e.value) and "area.geojson" in str(e.value)

@@ -247,8 +247,8 @@ _RULES = [
     ("data.hue_jitter", lambda v: v is None or 0 <= v <= 0.5, "must be in [0, 0.5] (or null)"),
     (
         "data.format",
-        lambda v: v in ("synth", "coco", "yolo", "voc", "tt100k", "dota", "visdrone"),
-        "must be synth, coco, yolo, voc, tt100k, dota or visdrone",
+        lambda v: v in ("synth", "coco", "yolo", "voc", "tt100k", "dota", "visdrone", "geojson"),
+        "must be synth, coco, yolo, voc, tt100k, dota, visdrone or geojson",
     ),
     (
         "distill.teacher_mode",

@@ -11,7 +11,13 @@ from pathlib import Path
 
 from .data.records import DataError
 
-__all__ = ["GeoReference", "box_feature", "georeference", "write_geojson"]
+__all__ = [
+    "GeoReference",
+    "box_feature",
+    "geojson_epsg",
+    "georeference",
+    "write_geojson",
+]
 
 _PIXEL_SCALE, _TIEPOINT, _TRANSFORMATION, _GEOKEYS = 33550, 33922, 34264, 34735
 _RASTER_TYPE, _GEOGRAPHIC_CRS, _PROJECTED_CRS = 1025, 2048, 3072
@@ -37,6 +43,12 @@ class GeoReference:
 
     def to_map(self, x: float, y: float) -> tuple[float, float]:
         return self.a * x + self.b * y + self.c, self.d * x + self.e * y + self.f
+
+    def to_pixel(self, xs, ys):
+        """Map coordinates (arrays) back to pixel coordinates."""
+        det = self.a * self.e - self.b * self.d
+        dx, dy = xs - self.c, ys - self.f
+        return (self.e * dx - self.b * dy) / det, (self.a * dy - self.d * dx) / det
 
 
 def georeference(path: str | Path) -> GeoReference | None:
@@ -126,6 +138,22 @@ def _world_file(path: Path) -> GeoReference | None:
             raise DataError(f"{world}: its six numbers do not map pixels to a map")
         return ref
     return None
+
+
+def geojson_epsg(collection: dict) -> int:
+    """The EPSG code of a GeoJSON object's coordinates: its ``crs`` member
+    (``urn:ogc:def:crs:EPSG::32633``, ``EPSG:32633``; ``CRS84`` is 4326), or 4326 (WGS 84)
+    without one, as RFC 7946 says. Raises :class:`ValueError` for a CRS it cannot name."""
+    crs = collection.get("crs")
+    if crs is None:
+        return 4326
+    name = str((crs.get("properties") or {}).get("name", "")) if isinstance(crs, dict) else ""
+    if name.upper().endswith("CRS84"):
+        return 4326
+    code = name.rsplit(":", 1)[-1]
+    if "EPSG" not in name.upper() or not code.isdigit():
+        raise ValueError(f"its crs {name or crs!r} is not an EPSG code")
+    return int(code)
 
 
 def write_geojson(path: str | Path, features: list[dict], epsg: int | None) -> Path:

@@ -51,6 +51,7 @@ def _data_section(data: str | Path) -> dict[str, Any]:
         and (path / "ImageSets" / "Main" / "val.txt").exists(),
         "dota": (path / "train").is_dir() and (path / "val").is_dir(),
         "visdrone": (path / "train").is_dir() and (path / "val").is_dir(),
+        "geojson": (path / "train").is_dir() and (path / "val").is_dir(),
     }.get(fmt, False)
     if has:
         section.update(train_split="train", val_split="val")

@@ -13,7 +13,7 @@ def _add_data(sub) -> None:
         "--from",
         dest="src_format",
         required=True,
-        choices=["yolo", "voc", "tt100k", "coco", "dota", "visdrone"],
+        choices=["yolo", "voc", "tt100k", "coco", "dota", "visdrone", "geojson"],
     )
     c.add_argument("--to", dest="dst_format", required=True, choices=["coco", "yolo"])
     c.add_argument("--out", required=True, help="output folder")
@@ -37,7 +37,9 @@ def _add_data(sub) -> None:
     s = dsub.add_parser("stats", help="image count, boxes per class and size histograms")
     s.add_argument("source")
     s.add_argument(
-        "--format", default=None, choices=["yolo", "voc", "tt100k", "coco", "dota", "visdrone"]
+        "--format",
+        default=None,
+        choices=["yolo", "voc", "tt100k", "coco", "dota", "visdrone", "geojson"],
     )
     s.add_argument("--split", default=None)
     s.add_argument("--json", action="store_true", help="print one JSON object")
@@ -64,7 +66,9 @@ def _add_data(sub) -> None:
     )
     t.add_argument("source", help="dataset in any supported format")
     t.add_argument(
-        "--format", default=None, choices=["yolo", "voc", "tt100k", "coco", "dota", "visdrone"]
+        "--format",
+        default=None,
+        choices=["yolo", "voc", "tt100k", "coco", "dota", "visdrone", "geojson"],
     )
     t.add_argument("--split", default=None, help="split to read")
     t.add_argument("--size", type=int, default=1024, help="tile side in pixels")
@@ -89,7 +93,9 @@ def _add_data(sub) -> None:
     )
     mo.add_argument("source", help="dataset in any supported format")
     mo.add_argument(
-        "--format", default=None, choices=["yolo", "voc", "tt100k", "coco", "dota", "visdrone"]
+        "--format",
+        default=None,
+        choices=["yolo", "voc", "tt100k", "coco", "dota", "visdrone", "geojson"],
     )
     mo.add_argument("--split", default=None, help="split to read")
     mo.add_argument("--grid", default="4x4", help="ROWSxCOLS images per scene (4x4)")
@@ -117,7 +123,7 @@ def _reader_kwargs(fmt: str, args) -> dict:
         if getattr(args, "classes", None):
             kw["classes"] = args.classes
         kw["keep_other"] = getattr(args, "keep_other", False)
-    if fmt in ("voc", "dota") and getattr(args, "classes", None):
+    if fmt in ("voc", "dota", "geojson") and getattr(args, "classes", None):
         from ..data.records import read_text
 
         kw["classes"] = [ln.strip() for ln in read_text(args.classes).splitlines() if ln.strip()]

@@ -1,4 +1,5 @@
-"""Readers for the aerial and drone formats: DOTA ``labelTxt`` and VisDrone-DET.
+"""Readers for the aerial and drone formats: DOTA ``labelTxt``, VisDrone-DET, and GIS
+annotations (GeoJSON polygons over georeferenced scenes).
 
 Both keep the boxes a benchmark does not score as ignore regions
 (:attr:`~efpn.data.records.ImageRecord.ignore`): DOTA's ``difficult=1`` objects, and
@@ -13,10 +14,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .formats import IMAGE_SUFFIXES, _finish, _image_size, files_in
+from .formats import IMAGE_SUFFIXES, _finish, _image_size, files_in, load_json
 from .records import DataError, DetectionData, ImageRecord, read_text
 
-__all__ = ["DOTA_CLASSES", "VISDRONE_CLASSES", "read_dota", "read_visdrone"]
+__all__ = [
+    "DOTA_CLASSES",
+    "GEOJSON_CLASS_KEYS",
+    "VISDRONE_CLASSES",
+    "read_dota",
+    "read_geojson",
+    "read_visdrone",
+]
 
 #: DOTA v1.5 categories (v1.0 lacks ``container-crane``)
 DOTA_CLASSES = [
@@ -214,6 +222,157 @@ def read_visdrone(root: str | Path, split: str | None = None) -> DetectionData:
     unlabelled = len(set(images) - {Path(r.file_name).stem for r in records})
     _report(base, orphans, unlabelled, "annotations")
     return _finish(DetectionData(root, list(VISDRONE_CLASSES), records, str(base)))
+
+
+#: the feature properties that name an object's class, tried in this order
+GEOJSON_CLASS_KEYS = ("class", "category", "label", "name", "type", "class_name", "classname")
+
+
+def read_geojson(
+    root: str | Path, split: str | None = None, classes: list[str] | None = None
+) -> DetectionData:
+    """Read GIS annotations: ``images/`` with georeferenced scenes (GeoTIFF tags or a
+    world file, :func:`efpn.geo.georeference`) and ``geojson/<scene stem>.geojson``, a
+    FeatureCollection of the scene's objects as polygons (or lines) in the scene's CRS,
+    as QGIS or GDAL write them (under ``root/<split>`` when that exists).
+
+    Each feature becomes the pixel box around its vertices; its class is the first of
+    :data:`GEOJSON_CLASS_KEYS` among its properties; ``difficult`` or ``ignore`` true
+    makes it an ignore region. Points (no extent) and empty geometries are skipped and
+    counted. ``classes`` defaults to ``classes.txt`` in ``root``, else the sorted names
+    found. Labels in another CRS than their scene's (a GeoJSON without a ``crs`` member
+    is WGS 84), or whose features all fall outside it, are refused with one line.
+    """
+    from ..geo import geojson_epsg, georeference
+
+    root = Path(root)
+    base = _split_root(root, split, "geojson")
+    images = _images_by_stem(base / "images") if (base / "images").is_dir() else {}
+    scenes, names, orphans, points = [], set(), 0, 0
+    for label_path in files_in(base / "geojson", "*.geojson"):
+        image = images.get(label_path.stem)
+        if image is None:
+            orphans += 1
+            continue
+        w, h = _image_size(image, str(label_path))
+        ref = georeference(image)
+        if ref is None:
+            raise DataError(
+                f"{label_path}: its scene {image} has no georeference (GeoTIFF tags, or a "
+                f"world file such as {image.with_suffix('.wld').name})"
+            )
+        doc = load_json(label_path)
+        if not isinstance(doc, dict) or not isinstance(doc.get("features"), list):
+            raise DataError(f"{label_path}: expected a GeoJSON FeatureCollection")
+        try:
+            epsg = geojson_epsg(doc)
+        except ValueError as e:
+            raise DataError(f"{label_path}: {e}") from None
+        if ref.epsg is not None and epsg != ref.epsg:
+            implicit = "" if "crs" in doc else " (a GeoJSON without a crs member is WGS 84)"
+            raise DataError(
+                f"{label_path}: features in EPSG:{epsg}{implicit}, its scene {image.name} in "
+                f"EPSG:{ref.epsg}; reproject them: ogr2ogr -t_srs EPSG:{ref.epsg} "
+                f"{label_path.stem}_{ref.epsg}.geojson {label_path.name}"
+            )
+        objects = []
+        for k, feature in enumerate(doc["features"]):
+            where = f"{label_path}: feature {k}"
+            if not isinstance(feature, dict):
+                raise DataError(f"{where}: not a GeoJSON Feature")
+            props = feature.get("properties") or {}
+            if not isinstance(props, dict):
+                raise DataError(f"{where}: its properties are not an object")
+            key = next((c for c in GEOJSON_CLASS_KEYS if props.get(c) not in (None, "")), None)
+            if key is None:
+                raise DataError(
+                    f"{where}: no class property (one of {', '.join(GEOJSON_CLASS_KEYS)}; "
+                    f"it has {', '.join(map(str, props)) or 'none'})"
+                )
+            xy = _vertices(feature.get("geometry"), where)
+            if xy is None:
+                points += 1
+                continue
+            px, py = ref.to_pixel(xy[:, 0], xy[:, 1])
+            box = [float(px.min()), float(py.min()), float(px.max()), float(py.max())]
+            hard = str(props.get("difficult", props.get("ignore", 0))).lower()
+            objects.append((str(props[key]).strip(), box, hard in ("1", "true", "yes")))
+            names.add(objects[-1][0])
+        if objects and not any(
+            b[2] > 0 and b[0] < w and b[3] > 0 and b[1] < h for _, b, _ in objects
+        ):
+            raise DataError(
+                f"{label_path}: none of its {len(objects)} features falls inside its scene "
+                f"{image.name} ({w}x{h} px); are they drawn over this scene, in its CRS?"
+            )
+        scenes.append((label_path, image, w, h, objects))
+    if classes is None and (root / "classes.txt").is_file():
+        classes = [ln.strip() for ln in read_text(root / "classes.txt").splitlines() if ln.strip()]
+    classes = list(classes) if classes else sorted(names)
+    index = {c: i for i, c in enumerate(classes)}
+    records = []
+    for label_path, image, w, h, objects in scenes:
+        boxes, labels, ignore, ignore_labels = [], [], [], []
+        for name, box, hard in objects:
+            if name not in index:
+                raise DataError(
+                    f"{label_path}: class {name!r} is not one of the {len(classes)} classes "
+                    f"({', '.join(classes)})"
+                )
+            (ignore if hard else boxes).append(box)
+            (ignore_labels if hard else labels).append(index[name])
+        rel = image.relative_to(root).as_posix()
+        records.append(_record(rel, w, h, boxes, labels, ignore, ignore_labels, len(records) + 1))
+    _report(base, orphans, len(set(images) - {p.stem for p, *_ in scenes}), "geojson")
+    if points:
+        import logging
+
+        logging.getLogger("efpn.data").warning(
+            f"{base}: skipped {points} point or empty feature(s): a box needs a polygon"
+        )
+    return _finish(DetectionData(root, classes, records, str(base)))
+
+
+def _vertices(geometry, where: str) -> np.ndarray | None:
+    """Every vertex of a GeoJSON geometry as ``(N, 2)`` map coordinates; ``None`` for
+    points and empty geometries (they have no extent)."""
+    if geometry is None:
+        return None
+    if not isinstance(geometry, dict):
+        raise DataError(f"{where}: its geometry is not a GeoJSON object")
+    kind = geometry.get("type")
+    if kind == "GeometryCollection":
+        parts = [_vertices(g, where) for g in geometry.get("geometries") or []]
+        parts = [p for p in parts if p is not None]
+        return np.concatenate(parts) if parts else None
+    if kind in ("Point", "MultiPoint"):
+        return None
+    if kind not in ("LineString", "MultiLineString", "Polygon", "MultiPolygon"):
+        raise DataError(f"{where}: unknown geometry type {kind!r}")
+    flat: list = []
+
+    def walk(node):
+        if (
+            isinstance(node, list)
+            and node
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in node)
+        ):
+            if len(node) < 2:
+                raise DataError(f"{where}: a position needs two coordinates, got {node}")
+            flat.append(node[:2])
+        elif isinstance(node, list):
+            for child in node:
+                walk(child)
+        else:
+            raise DataError(f"{where}: coordinates must be nested lists of numbers")
+
+    walk(geometry.get("coordinates"))
+    if not flat:
+        return None
+    xy = np.asarray(flat, dtype=np.float64)
+    if not np.isfinite(xy).all():
+        raise DataError(f"{where}: non-finite coordinate")
+    return xy
 
 
 def _report(base: Path, orphans: int, unlabelled: int, folder: str) -> None:

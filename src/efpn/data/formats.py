@@ -35,7 +35,7 @@ __all__ = [
     "write_yolo",
 ]
 
-FORMATS = ("coco", "yolo", "voc", "tt100k", "dota", "visdrone")
+FORMATS = ("coco", "yolo", "voc", "tt100k", "dota", "visdrone", "geojson")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -794,6 +794,8 @@ def detect_format(path: str | Path) -> str:
             return "dota"
         if (path / sub / "annotations").is_dir():
             return "visdrone"
+        if (path / sub / "geojson").is_dir():
+            return "geojson"
     if (path / "labels").is_dir() or (path / "images").is_dir():
         return "yolo"
     raise DataError(f"{path}: cannot tell the dataset format; pass --format")
@@ -832,7 +834,7 @@ def read_dataset(path: str | Path, fmt: str | None = None, **kwargs) -> Detectio
     if yaml_file is not None:
         return _read_dataset_yaml_split(yaml_file, kwargs.pop("split", None), **kwargs)
     fmt = fmt or detect_format(path)
-    from .aerial import read_dota, read_visdrone
+    from .aerial import read_dota, read_geojson, read_visdrone
 
     readers = {
         "coco": read_coco,
@@ -841,6 +843,7 @@ def read_dataset(path: str | Path, fmt: str | None = None, **kwargs) -> Detectio
         "tt100k": read_tt100k,
         "dota": read_dota,
         "visdrone": read_visdrone,
+        "geojson": read_geojson,
     }
     if fmt not in readers:
         raise DataError(f"{path}: unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")

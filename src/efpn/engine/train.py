@@ -164,13 +164,13 @@ def _read_splits(cfg: Config, root: Path | None) -> tuple[DetectionData, Detecti
 
     def read(path, split):
         kw = {}
-        if d.format in ("yolo", "voc", "tt100k", "dota", "visdrone") and split:
+        if d.format in ("yolo", "voc", "tt100k", "dota", "visdrone", "geojson") and split:
             kw["split"] = split
         if d.format == "coco" and d.image_root:
             kw["image_root"] = d.image_root
         if d.format == "tt100k":
             kw.update(classes=d.classes or "tt100k45", keep_other=d.keep_other)
-        elif d.format in ("yolo", "voc", "dota") and d.classes:
+        elif d.format in ("yolo", "voc", "dota", "geojson") and d.classes:
             kw["classes"] = _names(d.classes)
         return read_dataset(path, d.format, **kw)
 
