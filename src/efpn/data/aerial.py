@@ -74,6 +74,19 @@ def _images_by_stem(folder: Path) -> dict[str, Path]:
     return {p.stem: p for p in files_in(folder, suffixes=IMAGE_SUFFIXES)}
 
 
+def _label_files(folder: Path, pattern: str, images: dict[str, Path]):
+    """``([(label file, its image, width, height), ...], count of label files without an
+    image)``, pairing label files with images by file stem."""
+    pairs, orphans = [], 0
+    for label_path in files_in(folder, pattern):
+        image = images.get(label_path.stem)
+        if image is None:
+            orphans += 1
+            continue
+        pairs.append((label_path, image, *_image_size(image, str(label_path))))
+    return pairs, orphans
+
+
 def _record(rel, w, h, boxes, labels, ignore, ignore_labels, image_id, attributes=None):
     return ImageRecord(
         rel,
@@ -105,13 +118,8 @@ def read_dota(
     index = {c: i for i, c in enumerate(classes)}
     images = _images_by_stem(base / "images")
     records = []
-    orphans = 0
-    for label_path in files_in(base / "labelTxt", "*.txt"):
-        image = images.get(label_path.stem)
-        if image is None:
-            orphans += 1
-            continue
-        w, h = _image_size(image, str(label_path))
+    pairs, orphans = _label_files(base / "labelTxt", "*.txt", images)
+    for label_path, image, w, h in pairs:
         boxes, labels, ignore, ignore_labels = [], [], [], []
         for ln, line in enumerate(read_text(label_path).splitlines(), 1):
             parts = line.split()
@@ -248,13 +256,9 @@ def read_geojson(
     root = Path(root)
     base = _split_root(root, split, "geojson")
     images = _images_by_stem(base / "images") if (base / "images").is_dir() else {}
-    scenes, names, orphans, points = [], set(), 0, 0
-    for label_path in files_in(base / "geojson", "*.geojson"):
-        image = images.get(label_path.stem)
-        if image is None:
-            orphans += 1
-            continue
-        w, h = _image_size(image, str(label_path))
+    scenes, names, points = [], set(), 0
+    pairs, orphans = _label_files(base / "geojson", "*.geojson", images)
+    for label_path, image, w, h in pairs:
         ref = georeference(image)
         if ref is None:
             raise DataError(
