@@ -63,7 +63,8 @@ SECTIONS: list[tuple[str, str, list[tuple[str, str, str]]]] = [
             [
                 "`format`",
                 "`synth`",
-                "`coco`, `yolo`, `voc`, `tt100k`, `dota`, `visdrone`, or `synth` (SynthSigns, generated under `runs/`).",
+                "`coco`, `yolo`, `voc`, `tt100k`, `dota`, `visdrone`, `geojson` (GIS polygons over "
+                "georeferenced scenes), or `synth` (SynthSigns, generated under `runs/`).",
             ],
             [
                 "`train`, `val`",
