@@ -805,6 +805,11 @@ def test_16bit_and_multiband_tiffs_read_as_stretched_rgb(tmp_path, monkeypatch, 
         with pytest.raises(DataError, match="EFPN_RANGE=.*expected two numbers LOW,HIGH"):
             load_rgb(geo)
     monkeypatch.delenv("EFPN_RANGE")
+    # one deep band in a compression tifffile cannot decode without imagecodecs (LZW):
+    # Pillow's own decoder reads it, as before
+    lzw = tmp_path / "lzw16.tif"
+    Image.fromarray(scene).save(lzw, compression="tiff_lzw")
+    np.testing.assert_array_equal(load_rgb(lzw), stretch_to_uint8(scene[..., None].repeat(3, 2)))
     # complex radar samples read as their amplitude
     sar = _tiff(tmp_path / "sar.tif", (scene * (0.6 + 0.8j)).astype(np.complex64))
     np.testing.assert_array_equal(

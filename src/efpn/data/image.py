@@ -21,6 +21,7 @@ __all__ = [
 ]
 
 _ORIENTATION = 0x0112  # the EXIF tag; 5-8 turn the image by 90 degrees
+_DEEP_MODES = ("I;16", "I;16B", "I;16L", "I", "F")  # Pillow's single-band modes over 8 bits
 
 # efpn checks sizes itself (below), with a message that says what to do
 Image.MAX_IMAGE_PIXELS = None
@@ -128,6 +129,13 @@ def load_rgb(path: str | Path, sliced: bool = False, upright: bool = True) -> np
                         return _pil_rgb(im, upright)
                     except (OSError, ValueError):  # a layout Pillow opens but cannot decode
                         pass
+                elif im.mode in _DEEP_MODES:
+                    # one deep band: tifffile for the nodata value, else Pillow's own
+                    # decoders (LZW, which tifffile needs imagecodecs for)
+                    try:
+                        return read_tiff_rgb(path, sliced=sliced, upright=upright)
+                    except DataError:
+                        return _pil_rgb(im, upright)
         except UnidentifiedImageError:
             if not _is_tiff(path):
                 raise
@@ -144,7 +152,7 @@ def _pil_rgb(im: Image.Image, upright: bool) -> np.ndarray:
     im.load()
     if upright and exif_orientation(im) != 1:
         im = ImageOps.exif_transpose(im)
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    if im.mode in _DEEP_MODES:
         gray = stretch_to_uint8(np.asarray(im)[..., None])
         return np.repeat(gray, 3, axis=2)
     if im.mode == "P" and "transparency" in im.info:
@@ -380,7 +388,7 @@ def read_tiff_rgb(path: str | Path, sliced: bool = False, upright: bool = True) 
         try:
             arr = page.asarray()
         except Exception as e:  # missing codec, truncated strips
-            hint = " (pip install imagecodecs)" if "imagecodecs" in str(e) else ""
+            hint = " (pip install imagecodecs, or efpn[geo])" if "imagecodecs" in str(e) else ""
             raise DataError(f"{path}: cannot decode image: {e}{hint}") from None
         if page.axes.startswith("S"):
             arr = np.moveaxis(arr, 0, -1)
