@@ -239,3 +239,28 @@ def test_gis_labels_that_cannot_be_placed_are_one_line_errors(tmp_path, case, sa
     with pytest.raises(DataError, match=says) as e:
         read_dataset(root)
     assert "\n" not in str(e.value) and "area.geojson" in str(e.value)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_georeference_follows_the_image_turned_upright(tmp_path, orientation):
+    from efpn.data import load_rgb
+
+    rows, cols = np.mgrid[0:6, 0:10]
+    stored = np.stack([rows * 10, cols * 10, np.zeros_like(rows)], axis=2).astype(np.uint8)
+    tags = [
+        (33550, "d", 3, (0.5, 0.5, 0.0), True),
+        (33922, "d", 6, (0, 0, 0, 500000.0, 4000000.0, 0), True),
+    ]
+    plain = tmp_path / "plain.tif"
+    tifffile.imwrite(plain, stored, photometric="rgb", extratags=tags)
+    turned = tmp_path / "turned.tif"
+    tifffile.imwrite(
+        turned, stored, photometric="rgb", extratags=[*tags, (274, "H", 1, orientation, True)]
+    )
+    upright = load_rgb(turned)  # as efpn reads it
+    ref, ref_stored = georeference(turned), georeference(plain)
+    for v in range(upright.shape[0]):
+        for u in range(upright.shape[1]):
+            row, col = upright[v, u, 0] // 10, upright[v, u, 1] // 10  # where it is stored
+            expected = ref_stored.to_map(float(col) + 0.5, float(row) + 0.5)
+            assert ref.to_map(u + 0.5, v + 0.5) == pytest.approx(expected, abs=1e-6, rel=0)

@@ -44,6 +44,31 @@ class GeoReference:
     def to_map(self, x: float, y: float) -> tuple[float, float]:
         return self.a * x + self.b * y + self.c, self.d * x + self.e * y + self.f
 
+    def upright(self, orientation: int, width: int, height: int) -> GeoReference:
+        """The same map for the image turned upright as its EXIF/TIFF ``orientation``
+        says (efpn reads images upright); ``width`` and ``height`` as stored."""
+        # stored pixel (x, y) as an affine function of the upright pixel (u, v)
+        p, q, r, s, t, u = {
+            1: (1, 0, 0, 0, 1, 0),
+            2: (-1, 0, width, 0, 1, 0),
+            3: (-1, 0, width, 0, -1, height),
+            4: (1, 0, 0, 0, -1, height),
+            5: (0, 1, 0, 1, 0, 0),
+            6: (0, 1, 0, -1, 0, height),
+            7: (0, -1, width, -1, 0, height),
+            8: (0, -1, width, 1, 0, 0),
+        }[orientation]
+        a, b, c, d, e, f = self.a, self.b, self.c, self.d, self.e, self.f
+        return GeoReference(
+            a * p + b * s,
+            a * q + b * t,
+            a * r + b * u + c,
+            d * p + e * s,
+            d * q + e * t,
+            d * r + e * u + f,
+            self.epsg,
+        )
+
     def to_pixel(self, xs, ys):
         """Map coordinates (arrays) back to pixel coordinates."""
         det = self.a * self.e - self.b * self.d
@@ -55,10 +80,17 @@ def georeference(path: str | Path) -> GeoReference | None:
     """The scene's georeference, or ``None`` when it has none: GeoTIFF tags (a model
     transformation, or a tie point with a pixel scale; "pixel is point" rasters are
     shifted by half a pixel, as GDAL does), else a world file next to the image
-    (``scene.tfw``, ``.pgw``, ``.jgw`` or ``scene.wld``)."""
+    (``scene.tfw``, ``.pgw``, ``.jgw`` or ``scene.wld``). Both describe the stored
+    pixels; the map returned is for the image as efpn reads it, turned upright."""
     path = Path(path)
     found = _geotiff(path) if path.suffix.lower() in (".tif", ".tiff") else None
-    return found if found is not None else _world_file(path)
+    found = found if found is not None else _world_file(path)
+    if found is None:
+        return None
+    from .data.image import image_orientation
+
+    orientation, (width, height) = image_orientation(path)
+    return found if orientation == 1 else found.upright(orientation, width, height)
 
 
 def _geotiff(path: Path) -> GeoReference | None:

@@ -12,6 +12,7 @@ from .records import DataError
 __all__ = [
     "READING_VARIABLES",
     "file_sizes",
+    "image_orientation",
     "image_sizes",
     "load_rgb",
     "max_pixels",
@@ -80,19 +81,22 @@ def file_sizes(im: Image.Image) -> tuple[tuple[int, int], tuple[int, int]]:
 
 
 def image_sizes(path: str | Path) -> tuple[tuple[int, int], tuple[int, int]]:
-    """:func:`file_sizes` of an image file, from its header (no pixel is decoded),
-    including the TIFFs that Pillow cannot open (multi-band, 16-bit colour)."""
-    try:
+    """:func:`file_sizes` of an image file, from its header (no pixel is decoded). TIFFs
+    are read by tifffile: Pillow cannot open some (multi-band, 16-bit colour), and it
+    reports a turned TIFF's size already upright."""
+    orientation, (w, h) = image_orientation(path)
+    return (w, h), ((h, w) if orientation >= 5 else (w, h))
+
+
+def image_orientation(path: str | Path) -> tuple[int, tuple[int, int]]:
+    """``(orientation, stored (width, height))`` from the header: the EXIF or TIFF
+    orientation (1 when upright as stored) that :func:`load_rgb` turns images by."""
+    if not _is_tiff(path):
         with Image.open(path) as im:
-            return file_sizes(im)
-    except UnidentifiedImageError:
-        if not _is_tiff(path):
-            raise
+            return exif_orientation(im), im.size
     with _open_tiff(path) as tif:
         page = tif.pages[0]
-        w, h = _tiff_width_height(path, page)
-        turned = _tiff_orientation(page) >= 5
-    return (w, h), ((h, w) if turned else (w, h))
+        return _tiff_orientation(page), _tiff_width_height(path, page)
 
 
 def load_rgb(path: str | Path, sliced: bool = False, upright: bool = True) -> np.ndarray:
@@ -124,7 +128,10 @@ def load_rgb(path: str | Path, sliced: bool = False, upright: bool = True) -> np
                 check_size(path, *im.size, sliced=sliced)
                 if im.format != "TIFF":
                     return _pil_rgb(im, upright)
-                if not _tiff_needs_tifffile(im):
+                turned = getattr(im, "tag_v2", {}).get(_ORIENTATION, 1) not in (1, None)
+                if turned and not upright:
+                    pass  # Pillow turns TIFFs as it loads them: the stored pixels need tifffile
+                elif not _tiff_needs_tifffile(im):
                     try:
                         return _pil_rgb(im, upright)
                     except (OSError, ValueError):  # a layout Pillow opens but cannot decode
