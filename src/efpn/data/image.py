@@ -11,7 +11,6 @@ from .records import DataError
 
 __all__ = [
     "READING_VARIABLES",
-    "file_sizes",
     "image_orientation",
     "image_sizes",
     "load_rgb",
@@ -73,24 +72,19 @@ def exif_orientation(im: Image.Image) -> int:
     return value if 1 <= value <= 8 else 1
 
 
-def file_sizes(im: Image.Image) -> tuple[tuple[int, int], tuple[int, int]]:
-    """``(stored, upright)``: the image's ``(width, height)`` as its pixels are stored,
-    and as viewers show it after its EXIF orientation (swapped for orientations 5-8)."""
-    w, h = im.size
-    return (w, h), ((h, w) if exif_orientation(im) >= 5 else (w, h))
-
-
 def image_sizes(path: str | Path) -> tuple[tuple[int, int], tuple[int, int]]:
-    """:func:`file_sizes` of an image file, from its header (no pixel is decoded). TIFFs
-    are read by tifffile: Pillow cannot open some (multi-band, 16-bit colour), and it
-    reports a turned TIFF's size already upright."""
+    """``(stored, upright)``: the image's ``(width, height)`` as its pixels are stored,
+    and as viewers show it after its EXIF orientation (swapped for orientations 5-8),
+    from its header (no pixel is decoded)."""
     orientation, (w, h) = image_orientation(path)
     return (w, h), ((h, w) if orientation >= 5 else (w, h))
 
 
 def image_orientation(path: str | Path) -> tuple[int, tuple[int, int]]:
     """``(orientation, stored (width, height))`` from the header: the EXIF or TIFF
-    orientation (1 when upright as stored) that :func:`load_rgb` turns images by."""
+    orientation (1 when upright as stored) that :func:`load_rgb` turns images by. TIFFs
+    are read by tifffile: Pillow cannot open some (multi-band, 16-bit colour), and it
+    reports a turned TIFF's size already upright."""
     if not _is_tiff(path):
         with Image.open(path) as im:
             return exif_orientation(im), im.size
@@ -177,16 +171,16 @@ def stretch_to_uint8(arr: np.ndarray, nodata: float | None = None) -> np.ndarray
     if arr.dtype == np.uint8:
         return arr
     h, w = arr.shape[:2]
-    step = max(1, int(np.ceil(np.sqrt(h * w / 1e6))))
-    sample = arr[::step, ::step].astype(np.float64).ravel()
-    valid = np.isfinite(sample)
-    if nodata is not None:
-        valid &= sample != nodata
-    sample = sample[valid]
     fixed = _range()
     if fixed is not None:
         lo, hi = fixed
     else:
+        step = max(1, int(np.ceil(np.sqrt(h * w / 1e6))))
+        sample = arr[::step, ::step].astype(np.float64).ravel()
+        valid = np.isfinite(sample)
+        if nodata is not None:
+            valid &= sample != nodata
+        sample = sample[valid]
         lo, hi = np.percentile(sample, (0.5, 99.5)) if sample.size else (0.0, 1.0)
     if hi <= lo:  # a flat image: its one value maps to mid-gray, not to 0
         lo, hi = lo - 1.0, lo + 1.0
@@ -206,7 +200,7 @@ def stretch_to_uint8(arr: np.ndarray, nodata: float | None = None) -> np.ndarray
 # ------------------------------------------------------------------ TIFFs beyond Pillow
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF
 _GDAL_NODATA = 42113
-_warned_bands: set[tuple[int, tuple[int, ...]]] = set()
+_warned_bands: set[int] = set()  # band counts already warned about
 
 
 def _is_tiff(path) -> bool:
@@ -221,8 +215,6 @@ def _tiff_needs_tifffile(im: Image.Image) -> bool:
     """A TIFF of more than 8 bits per sample: Pillow would cut colour samples to their
     high 8 bits (a 12-bit scene in 16 bits would read nearly black) and cannot see a
     GeoTIFF's nodata value."""
-    if im.format != "TIFF":
-        return False
     bits = getattr(im, "tag_v2", {}).get(258, (8,))
     bits = bits if isinstance(bits, tuple) else (bits,)
     return max(bits, default=8) > 8
@@ -353,8 +345,8 @@ def _pick_bands(path, arr: np.ndarray) -> np.ndarray:
     if chosen is None:
         if count >= 3:
             chosen = (1, 2, 3)
-            if count > 3 and (count, chosen) not in _warned_bands:
-                _warned_bands.add((count, chosen))
+            if count > 3 and count not in _warned_bands:
+                _warned_bands.add(count)
                 import logging
 
                 logging.getLogger("efpn.data").warning(
