@@ -742,8 +742,10 @@ def _tiff(path, arr, **kw):
 def test_16bit_and_multiband_tiffs_read_as_stretched_rgb(tmp_path, monkeypatch, caplog):
     import logging
 
+    from efpn.data import image as image_module
     from efpn.data.image import image_sizes, stretch_to_uint8
 
+    monkeypatch.setattr(image_module, "_warned_bands", set())  # said once per process
     # a 12-bit colour scene in 16-bit samples: Pillow keeps the high byte (0..15, black)
     ramp = np.linspace(0, 4095, 30 * 40).reshape(30, 40).astype(np.uint16)
     rgb12 = np.stack([ramp, ramp // 2, 4095 - ramp], axis=2)

@@ -201,6 +201,20 @@ def test_gis_polygons_over_a_geotiff_read_as_pixel_boxes(tmp_path, caplog, capsy
         [10, 8, 10, 6],
         [30, 30, 20, 10],
     ]
+    # tiles cut from a georeferenced scene keep their place on the map: a world file each
+    args = ["data", "slice", str(root), "--format", "geojson", "--size", "48", "--overlap", "0"]
+    assert main([*args, "--empty-ratio", "1", "--out", str(tmp_path / "tiles")]) == 0
+    scene = georeference(root / "images" / "area.tif")
+    tiles = sorted((tmp_path / "tiles" / "images").glob("*.png"))
+    assert [t.name for t in tiles] == [
+        f"images__area_{x}_{y}.png" for x in (0, 48) for y in (0, 16)
+    ]
+    for tile in tiles:
+        x0, y0 = (int(v) for v in tile.stem.split("_")[-2:])
+        ref = georeference(tile)
+        assert tile.with_suffix(".pgw").is_file()
+        for u, v in [(0, 0), (47.5, 3.25), (48, 48)]:
+            assert ref.to_map(u, v) == pytest.approx(scene.to_map(x0 + u, y0 + v), abs=1e-6)
 
 
 @pytest.mark.parametrize(

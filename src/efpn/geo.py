@@ -17,6 +17,7 @@ __all__ = [
     "geojson_epsg",
     "georeference",
     "write_geojson",
+    "write_world_file",
 ]
 
 _PIXEL_SCALE, _TIEPOINT, _TRANSFORMATION, _GEOKEYS = 33550, 33922, 34264, 34735
@@ -68,6 +69,11 @@ class GeoReference:
             d * r + e * u + f,
             self.epsg,
         )
+
+    def shifted(self, x0: float, y0: float) -> GeoReference:
+        """The map of a window whose top left corner is pixel ``(x0, y0)`` of this one."""
+        c, f = self.to_map(x0, y0)
+        return GeoReference(self.a, self.b, c, self.d, self.e, f, self.epsg)
 
     def to_pixel(self, xs, ys):
         """Map coordinates (arrays) back to pixel coordinates."""
@@ -170,6 +176,19 @@ def _world_file(path: Path) -> GeoReference | None:
             raise DataError(f"{world}: its six numbers do not map pixels to a map")
         return ref
     return None
+
+
+def write_world_file(image: str | Path, ref: GeoReference) -> Path:
+    """The world file that places ``image`` (``tile.png`` gets ``tile.pgw``) on the map
+    as ``ref`` says: six lines, the last two the centre of the top left pixel, as GDAL
+    and QGIS read it. A world file names no CRS; the scene's is ``ref.epsg``."""
+    image = Path(image)
+    suffix = _WORLD_SUFFIXES.get(image.suffix.lower(), ".wld")
+    c, f = ref.to_map(0.5, 0.5)
+    lines = [ref.a, ref.d, ref.b, ref.e, c, f]
+    world = image.with_suffix(suffix)
+    world.write_text("".join(f"{v!r}\n" for v in lines))
+    return world
 
 
 def geojson_epsg(collection: dict) -> int:

@@ -8,6 +8,8 @@ transform, nothing else resizes it), maps the boxes back to the image and merges
 detections that tiles share: NMS, or NMM (non-maximum merging by intersection over the
 smaller box) for objects a tile border cuts in two. Peak memory follows the batch of
 tiles, not the scene: the image stays uint8 and only the tiles of one batch are float.
+A :class:`efpn.data.scene.Scene` (a tiled or striped TIFF) is not even decoded whole:
+each batch reads its own windows.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torchvision.ops import batched_nms, box_area
 from torchvision.transforms.v2 import functional as tvf
 from tqdm import tqdm
 
+from .data.scene import ArrayScene, Scene
 from .data.tiles import slice_windows
 
 __all__ = ["MERGES", "merge_detections", "nmm", "predict_sliced", "slice_windows"]
@@ -85,17 +88,22 @@ def _as_chw(image) -> Tensor:
     return image
 
 
-def _full_image_pass(model, chw: Tensor, as_float) -> dict[str, Tensor]:
+def _full_image_pass(model, chw: Tensor | Scene, as_float) -> dict[str, Tensor]:
     """The whole image once, shrunk in uint8 to the size the model's transform would
-    give it (so the scene never exists as floats at full size); boxes scaled back."""
-    _, h, w = chw.shape
+    give it (so the scene never exists as floats at full size; a windowed scene is
+    averaged down band by band); boxes scaled back."""
+    scene = chw if isinstance(chw, Scene) else None
+    h, w = (scene.height, scene.width) if scene is not None else chw.shape[1:]
     t = model.transform
     if hasattr(t, "factor"):
         f = t.factor(h, w)
     else:
         f = min(float(t.min_size[-1]) / min(h, w), float(t.max_size) / max(h, w))
     size = (max(int(round(h * f)), 1), max(int(round(w * f)), 1))
-    small = tvf.resize(chw, list(size), antialias=True) if f < 1 else chw
+    if scene is not None:
+        small = _as_chw(scene.shrunk(*size) if f < 1 else scene.window(0, 0, w, h))
+    else:
+        small = tvf.resize(chw, list(size), antialias=True) if f < 1 else chw
     out = model([as_float(small)])[0]
     sx, sy = w / small.shape[-1], h / small.shape[-2]
     scale = torch.tensor([sx, sy, sx, sy], dtype=out["boxes"].dtype, device=out["boxes"].device)
@@ -121,9 +129,11 @@ def predict_sliced(
 
     Args:
         model: a detector in eval mode (EFPN or FPN; any torchvision-style detector).
-        image: ``(H, W, 3)`` uint8 array, ``(3, H, W)`` uint8 tensor, or ``(3, H, W)``
-            float tensor in [0, 1]. A uint8 image stays uint8: only the tiles of one
-            batch are converted, so memory follows ``batch_size``, not the scene.
+        image: ``(H, W, 3)`` uint8 array, ``(3, H, W)`` uint8 tensor, ``(3, H, W)``
+            float tensor in [0, 1], or a :class:`efpn.data.scene.Scene`
+            (:func:`efpn.data.scene.open_scene`). A uint8 image stays uint8: only the
+            tiles of one batch are converted, so memory follows ``batch_size``, not the
+            scene; a windowed scene reads only the windows of one batch.
         slice_size: tile side in image pixels; pick it near the size the model was
             trained to see (its transform still resizes each tile as it resizes any
             image).
@@ -139,8 +149,16 @@ def predict_sliced(
     Returns:
         ``{"boxes" (xyxy in image pixels), "scores", "labels"}`` on the CPU.
     """
-    chw = _as_chw(image)
-    _, height, width = chw.shape
+    if isinstance(image, ArrayScene):
+        image = image.array
+    chw = image if isinstance(image, Scene) else _as_chw(image)
+    height, width = (chw.height, chw.width) if isinstance(chw, Scene) else chw.shape[1:]
+
+    def tile(x0: int, y0: int, x1: int, y1: int) -> Tensor:
+        if isinstance(chw, Scene):
+            return _as_chw(chw.window(x0, y0, x1, y1))
+        return chw[:, y0:y1, x0:x1]
+
     windows = slice_windows(height, width, slice_size, overlap)
     if batch_size < 1:
         raise ValueError(f"batch size must be 1 or more, got {batch_size}")
@@ -153,7 +171,7 @@ def predict_sliced(
     bar = tqdm(total=len(windows), desc=desc, leave=False, disable=not progress)
     for start in range(0, len(windows), batch_size):
         chunk = windows[start : start + batch_size]
-        tiles = [as_float(chw[:, y0:y1, x0:x1]) for x0, y0, x1, y1 in chunk]
+        tiles = [as_float(tile(*win)) for win in chunk]
         for (x0, y0, _, _), out in zip(chunk, model(tiles)):
             shift = torch.tensor(
                 [x0, y0, x0, y0], dtype=out["boxes"].dtype, device=out["boxes"].device

@@ -171,22 +171,42 @@ def stretch_to_uint8(arr: np.ndarray, nodata: float | None = None) -> np.ndarray
     if arr.dtype == np.uint8:
         return arr
     h, w = arr.shape[:2]
+    step = sample_step(h, w)
+    lo, hi = stretch_range(arr[::step, ::step], nodata)
+    return apply_stretch(arr, lo, hi, nodata)
+
+
+def sample_step(height: int, width: int) -> int:
+    """The stride of the sample that :func:`stretch_to_uint8` takes its percentiles from
+    (rows and columns ``0, step, 2 step, ...``): at most about a million pixels."""
+    return max(1, int(np.ceil(np.sqrt(height * width / 1e6))))
+
+
+def stretch_range(sample: np.ndarray | None, nodata: float | None = None) -> tuple[float, float]:
+    """``(low, high)`` of the linear map to 0..255: ``EFPN_RANGE`` when set, else the
+    0.5th and 99.5th percentiles of the valid values of ``sample``; widened around a
+    flat image's one value so that it maps to mid-gray, not to 0."""
     fixed = _range()
     if fixed is not None:
         lo, hi = fixed
     else:
-        step = max(1, int(np.ceil(np.sqrt(h * w / 1e6))))
-        sample = arr[::step, ::step].astype(np.float64).ravel()
+        sample = sample.astype(np.float64).ravel()
         valid = np.isfinite(sample)
         if nodata is not None:
             valid &= sample != nodata
         sample = sample[valid]
         lo, hi = np.percentile(sample, (0.5, 99.5)) if sample.size else (0.0, 1.0)
-    if hi <= lo:  # a flat image: its one value maps to mid-gray, not to 0
+    if hi <= lo:
         lo, hi = lo - 1.0, lo + 1.0
+    return float(lo), float(hi)
+
+
+def apply_stretch(arr: np.ndarray, lo: float, hi: float, nodata: float | None = None) -> np.ndarray:
+    """``arr`` mapped linearly from ``[lo, hi]`` to uint8 in row blocks (NaN, infinities
+    and ``nodata`` to 0)."""
     out = np.empty(arr.shape, dtype=np.uint8)
     scale = 255.0 / (hi - lo)
-    for r in range(0, h, 1024):
+    for r in range(0, arr.shape[0], 1024):
         block = arr[r : r + 1024].astype(np.float32)
         bad = ~np.isfinite(block)
         if nodata is not None:

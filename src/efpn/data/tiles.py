@@ -12,9 +12,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..geo import georeference, write_world_file
 from .formats import to_coco_dict
 from .image import load_rgb
 from .records import DetectionData, ImageRecord
+from .scene import open_scene
 
 __all__ = ["mosaic_dataset", "slice_dataset", "slice_windows"]
 
@@ -124,29 +126,35 @@ def slice_dataset(
     tiles: list[ImageRecord] = []
     counts = dict(images=0, tiles=0, kept_empty=0, dropped_empty=0, boxes=0, cut_to_ignore=0)
     for r in data.images:
-        image = load_rgb(data.image_path(r), sliced=True, upright=r.upright)
-        h, w = image.shape[:2]
-        if (w, h) != (r.width, r.height):
-            raise ValueError(
-                f"{data.source}: image {r.file_name} is {w}x{h} but declared {r.width}x{r.height}"
-            )
-        counts["images"] += 1
-        stem = Path(r.file_name).with_suffix("").as_posix().replace("/", "__")
-        for win in slice_windows(h, w, size, overlap):
-            rec, cut = _tile_record(r, win, min_visible)
-            if len(rec.boxes) == 0:
-                if rng.random() >= empty_ratio:
-                    counts["dropped_empty"] += 1
-                    continue
-                counts["kept_empty"] += 1
-            x0, y0, x1, y1 = win
-            rec.file_name = f"images/{stem}_{x0}_{y0}.png"
-            rec.image_id = len(tiles) + 1
-            Image.fromarray(image[y0:y1, x0:x1]).save(out / rec.file_name, compress_level=1)
-            tiles.append(rec)
-            counts["tiles"] += 1
-            counts["boxes"] += len(rec.boxes)
-            counts["cut_to_ignore"] += cut
+        path = data.image_path(r)
+        with open_scene(path, upright=r.upright) as scene:
+            if (scene.width, scene.height) != (r.width, r.height):
+                raise ValueError(
+                    f"{data.source}: image {r.file_name} is {scene.width}x{scene.height} but "
+                    f"declared {r.width}x{r.height}"
+                )
+            counts["images"] += 1
+            ref = georeference(path) if r.upright else None
+            stem = Path(r.file_name).with_suffix("").as_posix().replace("/", "__")
+            for win in slice_windows(scene.height, scene.width, size, overlap):
+                rec, cut = _tile_record(r, win, min_visible)
+                if len(rec.boxes) == 0:
+                    if rng.random() >= empty_ratio:
+                        counts["dropped_empty"] += 1
+                        continue
+                    counts["kept_empty"] += 1
+                x0, y0, x1, y1 = win
+                rec.file_name = f"images/{stem}_{x0}_{y0}.png"
+                rec.image_id = len(tiles) + 1
+                Image.fromarray(scene.window(x0, y0, x1, y1)).save(
+                    out / rec.file_name, compress_level=1
+                )
+                if ref is not None:  # the tile stays where it is on the map
+                    write_world_file(out / rec.file_name, ref.shifted(x0, y0))
+                tiles.append(rec)
+                counts["tiles"] += 1
+                counts["boxes"] += len(rec.boxes)
+                counts["cut_to_ignore"] += cut
     sliced = DetectionData(
         out, list(data.classes), tiles, source=str(out), category_ids=list(data.category_ids)
     )

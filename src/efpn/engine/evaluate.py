@@ -100,17 +100,17 @@ def _predict(model, data, device, batch_size, quiet):
 
 
 def _predict_sliced(model, data, device, batch_size, quiet, slicing):
-    from ..data.dataset import load_rgb
+    from ..data.scene import open_scene
     from ..slicing import predict_sliced
 
     records = data.images[dist_utils.rank() :: dist_utils.world_size()]
     results, seconds = [], 0.0
     show = not quiet and dist_utils.is_main() and sys.stderr.isatty()
     for r in tqdm(records, desc="eval (sliced)", leave=False, disable=not show):
-        image = load_rgb(data.image_path(r), sliced=True, upright=r.upright)
-        start = time.perf_counter()
-        out = predict_sliced(model, image, batch_size=batch_size, device=device, **slicing)
-        seconds += time.perf_counter() - start
+        with open_scene(data.image_path(r), upright=r.upright) as scene:
+            start = time.perf_counter()
+            out = predict_sliced(model, scene, batch_size=batch_size, device=device, **slicing)
+            seconds += time.perf_counter() - start
         results += to_coco_results([r.image_id], [out], data.category_ids)
     gathered = dist_utils.gather_objects((results, seconds, len(records)))
     results = [x for part in gathered for x in part[0]]

@@ -14,6 +14,7 @@ from tqdm import tqdm
 from ..data.dataset import load_rgb
 from ..data.formats import IMAGE_SUFFIXES, files_in, read_dataset
 from ..data.records import DataError
+from ..data.scene import ArrayScene, Scene, open_scene
 from ..geo import box_feature, georeference, write_geojson
 from ..viz import draw_detections
 from .train import detector_from_file
@@ -42,6 +43,33 @@ def _drawing_names(paths: list[Path], source: Path) -> dict[Path, str]:
     plain = {p: Path(_relative(p, source)).with_suffix(".png").as_posix() for p in paths}
     taken = Counter(plain.values())
     return {p: n if taken[n] == 1 else f"{_relative(p, source)}.png" for p, n in plain.items()}
+
+
+#: the longest side of the drawing of a scene read window by window; a larger scene is
+#: drawn shrunk (a 40000-px scene drawn whole would be a 4.8 GB image)
+MAX_DRAWING_SIDE = 8192
+
+
+def _drawing_base(image, pred: dict, gt: dict | None):
+    """The image to draw on, and the predictions and ground truth in its pixels: the
+    image itself, or a windowed scene over :data:`MAX_DRAWING_SIDE` averaged down."""
+    if not isinstance(image, Scene):
+        return Image.fromarray(image), pred, gt
+    if isinstance(image, ArrayScene):
+        return Image.fromarray(image.array), pred, gt
+    h, w = image.height, image.width
+    f = min(1.0, MAX_DRAWING_SIDE / max(h, w))
+    if f == 1.0:
+        return Image.fromarray(image.window(0, 0, w, h)), pred, gt
+    sh, sw = max(1, round(h * f)), max(1, round(w * f))
+    scale = torch.tensor([sw / w, sh / h, sw / w, sh / h])
+
+    def shrunk(target):
+        if target is None:
+            return None
+        return {**target, "boxes": torch.as_tensor(target["boxes"]).reshape(-1, 4) * scale}
+
+    return Image.fromarray(image.shrunk(sh, sw)), shrunk(pred), shrunk(gt)
 
 
 def _write_labels(path: Path, output: dict, shape, score_thresh: float, save_conf: bool) -> None:
@@ -184,7 +212,10 @@ def predict(
             try:
                 known = gt_by_name.get(_relative(p, source))  # as --compare annotates it
                 upright = known.upright if known is not None else True
-                arrays.append(load_rgb(p, sliced=bool(slice_size), upright=upright))
+                if slice_size:  # a tiled or striped TIFF is read window by window
+                    arrays.append(open_scene(p, upright=upright))
+                else:
+                    arrays.append(load_rgb(p, upright=upright))
             except DataError as e:
                 if not source.is_dir():
                     raise
@@ -195,20 +226,28 @@ def predict(
         if not chunk:
             continue
         if slice_size:
-            outputs = [
-                predict_sliced(
-                    model,
-                    arrays[0],
-                    slice_size,
-                    overlap,
-                    merge=merge,
-                    full_image=full_image,
-                    batch_size=batch_size,
-                    device=device,
-                    progress=not quiet and tty,
-                    desc=chunk[0].name,
-                )
-            ]
+            try:
+                outputs = [
+                    predict_sliced(
+                        model,
+                        arrays[0],
+                        slice_size,
+                        overlap,
+                        merge=merge,
+                        full_image=full_image,
+                        batch_size=batch_size,
+                        device=device,
+                        progress=not quiet and tty,
+                        desc=chunk[0].name,
+                    )
+                ]
+            except DataError as e:  # a strip or tile of a windowed scene is damaged
+                arrays[0].close()
+                if not source.is_dir():
+                    raise
+                skipped += 1
+                print(f"skipped: {e}", file=sys.stderr, flush=True)
+                continue
         else:
             images = [
                 torch.from_numpy(a).permute(2, 0, 1).float().div(255).to(device) for a in arrays
@@ -236,9 +275,8 @@ def predict(
                     "boxes": torch.as_tensor(r.boxes),
                     "labels": torch.as_tensor(r.labels) + 1,
                 }
-            drawn = draw_detections(
-                Image.fromarray(a), o, classes, gt=gt_target, score_thresh=score_thresh
-            )
+            base, o_drawn, gt_drawn = _drawing_base(a, o, gt_target)
+            drawn = draw_detections(base, o_drawn, classes, gt=gt_drawn, score_thresh=score_thresh)
             drawing = out / drawings[p]
             drawing.parent.mkdir(parents=True, exist_ok=True)
             drawn.save(drawing)
@@ -258,6 +296,8 @@ def predict(
                     score_thresh,
                     save_conf,
                 )
+            if isinstance(a, Scene):
+                a.close()
     if skipped == len(paths):  # _images never returns an empty list
         raise DataError(f"{source}: none of its {skipped} image(s) could be read (named above)")
     path = out / "predictions.json"

@@ -1,0 +1,275 @@
+"""Huge scenes read window by window.
+
+A satellite or aerial scene of 20000-40000 px, 16 bits and four bands takes several
+gigabytes decoded, more than the tiles that sliced prediction detects at a time. A
+tiled or striped TIFF (GeoTIFFs are) can be read one window at a time: only the strips
+or tiles that a window touches are decoded, and the last ones are kept for the
+neighbouring windows. :func:`open_scene` gives such a :class:`TiffScene` for the TIFFs
+that allow it and an :class:`ArrayScene` over the whole decoded image for every other
+image, so that callers (``efpn predict --slice``, ``efpn val --slice``, ``efpn data
+slice``) read both alike. Both give exactly the pixels :func:`efpn.data.image.load_rgb`
+gives: the same bands and the same stretch of deep samples, whose percentiles a
+windowed scene takes in one streaming pass over the same strided sample.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from .image import (
+    _is_tiff,
+    _open_tiff,
+    _pick_bands,
+    _tiff_nodata,
+    _tiff_orientation,
+    apply_stretch,
+    load_rgb,
+    sample_step,
+    stretch_range,
+)
+from .records import DataError
+
+__all__ = ["ArrayScene", "Scene", "TiffScene", "open_scene", "shrink_area"]
+
+_MINISBLACK, _RGB = 1, 2
+#: a strip or tile decoded to more than this is not read window by window (a scene stored
+#: as one strip would be decoded whole for every window)
+MAX_SEGMENT_BYTES = 256 * 2**20
+#: decoded strips and tiles kept for the next windows (a band of rows across the scene)
+CACHE_BYTES = 1024 * 2**20
+#: rows read at once for the stretch's sample of a deep scene
+SAMPLE_BAND_BYTES = 64 * 2**20
+
+
+class Scene:
+    """An image that is read window by window, as ``(h, w, 3)`` uint8 RGB."""
+
+    width: int
+    height: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.height, self.width, 3
+
+    def window(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+        """The pixels of columns ``x0:x1`` and rows ``y0:y1``, ``(y1 - y0, x1 - x0, 3)``."""
+        raise NotImplementedError
+
+    def shrunk(self, height: int, width: int) -> np.ndarray:
+        """The whole scene averaged down to ``(height, width, 3)`` uint8 (each output
+        pixel the mean of the input pixels it covers, as
+        :func:`torch.nn.functional.adaptive_avg_pool2d`), read in bands of rows."""
+        return shrink_area(self, height, width)
+
+    def close(self) -> None:
+        """Release the file (a no-op for an image in memory)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class ArrayScene(Scene):
+    """A decoded image in memory, ``(H, W, 3)`` uint8."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+        self.height, self.width = array.shape[:2]
+
+    def window(self, x0, y0, x1, y1):
+        return self.array[y0:y1, x0:x1]
+
+
+class TiffScene(Scene):
+    """A tiled or striped TIFF read window by window (see :func:`open_scene`)."""
+
+    def __init__(self, path, tif, page):
+        self.path, self._tif, self._page = path, tif, page
+        planes, _, height, width, contig = page.shaped
+        self.height, self.width = int(height), int(width)
+        self._planes, self._contig = int(planes), int(contig)
+        self.bands = self._planes * self._contig
+        self._dtype = np.dtype(page.dtype)
+        self._nodata = _tiff_nodata(page)
+        self._memmap = None
+        if page.is_memmappable:
+            import tifffile
+
+            mm = tifffile.memmap(str(path), page=0, mode="r")
+            self._memmap = mm.reshape(self._planes, self.height, self.width, self._contig)
+        else:
+            if page.is_tiled:
+                self._seg_h, self._seg_w = int(page.tilelength), int(page.tilewidth)
+                if int(page.tiledepth) != 1:
+                    raise ValueError("volumetric tiles")
+            else:
+                self._seg_h, self._seg_w = min(int(page.rowsperstrip), self.height), self.width
+            self._across = -(-self.width // self._seg_w)
+            self._down = -(-self.height // self._seg_h)
+            if len(page.dataoffsets) != self._planes * self._across * self._down:
+                raise ValueError("an unexpected count of strips or tiles")
+            seg_bytes = self._seg_h * self._seg_w * self._contig * self._dtype.itemsize
+            if seg_bytes > MAX_SEGMENT_BYTES:
+                raise ValueError("strips or tiles too large to read by window")
+            self._decode = page.decode
+            self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+            self._cached = 0
+            self._decode_segment(0)  # a missing codec is an error here, not mid-scene
+        self._lo_hi = None if self._dtype == np.uint8 else self._stretch_range()
+
+    # -------------------------------------------------------------- raw samples
+    def _decode_segment(self, index: int) -> np.ndarray:
+        """Strip or tile ``index`` as ``(rows, cols, contig samples)``; kept for reuse."""
+        if index in self._cache:
+            self._cache.move_to_end(index)
+            return self._cache[index]
+        page = self._page
+        offset, count = page.dataoffsets[index], page.databytecounts[index]
+        data = None
+        if count:
+            fh = self._tif.filehandle
+            fh.seek(offset)
+            data = fh.read(count)
+            if len(data) < count:
+                raise DataError(f"{self.path}: cannot decode image: the file is truncated")
+        try:
+            segment, _, shape = self._decode(data, index, jpegtables=page.jpegtables)
+        except Exception as e:  # missing codec, corrupt data
+            hint = " (pip install imagecodecs, or efpn[geo])" if "imagecodecs" in str(e) else ""
+            raise DataError(f"{self.path}: cannot decode image: {e}{hint}") from None
+        if segment is None:  # an empty strip or tile: zeros, as tifffile fills it
+            segment = np.zeros(shape, dtype=self._dtype)
+        segment = segment.reshape(segment.shape[-3:])
+        self._cache[index] = segment
+        self._cached += segment.nbytes
+        while self._cached > CACHE_BYTES and len(self._cache) > 1:
+            _, old = self._cache.popitem(last=False)
+            self._cached -= old.nbytes
+        return segment
+
+    def _raw(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+        """The stored samples of a window, ``(h, w, bands)`` in the file's type."""
+        if self._memmap is not None:
+            block = self._memmap[:, y0:y1, x0:x1, :]
+            return np.concatenate(list(block), axis=-1) if self._planes > 1 else block[0]
+        out = np.empty((y1 - y0, x1 - x0, self.bands), dtype=self._dtype)
+        sh, sw = self._seg_h, self._seg_w
+        per_plane = self._across * self._down
+        for plane in range(self._planes):
+            bands = slice(plane * self._contig, (plane + 1) * self._contig)
+            for ty in range(y0 // sh, -(-y1 // sh)):
+                for tx in range(x0 // sw, -(-x1 // sw)):
+                    seg = self._decode_segment(plane * per_plane + ty * self._across + tx)
+                    sy, sx = ty * sh, tx * sw  # the segment's top left in the image
+                    a0, a1 = max(y0, sy), min(y1, sy + seg.shape[0], self.height)
+                    b0, b1 = max(x0, sx), min(x1, sx + seg.shape[1], self.width)
+                    out[a0 - y0 : a1 - y0, b0 - x0 : b1 - x0, bands] = seg[
+                        a0 - sy : a1 - sy, b0 - sx : b1 - sx
+                    ]
+        return out
+
+    def _as_values(self, raw: np.ndarray) -> np.ndarray:
+        """Stored samples to the bands read as RGB (complex radar samples as amplitude)."""
+        if np.iscomplexobj(raw):
+            raw = np.abs(raw)
+        return _pick_bands(self.path, raw)
+
+    def _stretch_range(self) -> tuple[float, float]:
+        """The range :func:`efpn.data.image.stretch_to_uint8` would take from the whole
+        image, from the same strided sample, read in bands of rows."""
+        from .image import _range
+
+        if _range() is not None:
+            return stretch_range(None)
+        step = sample_step(self.height, self.width)
+        parts = []
+        band = max(
+            step, SAMPLE_BAND_BYTES // max(1, self.width * self.bands * self._dtype.itemsize)
+        )
+        band = max(step, band // step * step)  # whole steps, so the sampled rows line up
+        for r0 in range(0, self.height, band):
+            block = self._raw(0, r0, self.width, min(r0 + band, self.height))
+            parts.append(self._as_values(block[::step, ::step]))
+        return stretch_range(np.concatenate(parts), self._nodata)
+
+    # -------------------------------------------------------------- RGB windows
+    def window(self, x0, y0, x1, y1):
+        x0, y0 = max(0, int(x0)), max(0, int(y0))
+        x1, y1 = min(self.width, int(x1)), min(self.height, int(y1))
+        values = self._as_values(self._raw(x0, y0, x1, y1))
+        if self._lo_hi is None:
+            return np.ascontiguousarray(values)
+        return apply_stretch(values, *self._lo_hi, nodata=self._nodata)
+
+    def close(self):
+        self._memmap = None
+        if getattr(self, "_cache", None) is not None:
+            self._cache.clear()
+        self._tif.close()
+
+
+def shrink_area(scene: Scene, height: int, width: int, band_bytes: int = 64 * 2**20) -> np.ndarray:
+    """``scene`` averaged down to ``(height, width, 3)`` uint8, exactly as
+    :func:`torch.nn.functional.adaptive_avg_pool2d` bins it (output row ``i`` averages
+    input rows ``floor(i H / h)`` to ``ceil((i + 1) H / h)``), in bands of rows of about
+    ``band_bytes`` as float64, so only one band of the scene is read at once."""
+    H, W = scene.height, scene.width
+    if not (0 < height <= H and 0 < width <= W):
+        raise ValueError(f"cannot shrink {W}x{H} to {width}x{height}")
+    rows_per_output = -(-H // height) + 1
+    band_rows = max(1, band_bytes // (rows_per_output * W * 3 * 8))
+    col_lo = (np.arange(width) * W) // width
+    col_hi = -((-(np.arange(width) + 1) * W) // width)
+    out = np.empty((height, width, 3), dtype=np.uint8)
+    for a in range(0, height, band_rows):
+        b = min(a + band_rows, height)
+        r0, r1 = (a * H) // height, -((-b * H) // height)
+        block = scene.window(0, r0, W, r1).astype(np.float64)
+        # columns: bin sums from a cumulative sum along the width
+        csum = np.concatenate([np.zeros_like(block[:, :1]), block.cumsum(axis=1)], axis=1)
+        cols = (csum[:, col_hi] - csum[:, col_lo]) / (col_hi - col_lo)[None, :, None]
+        rsum = np.concatenate([np.zeros_like(cols[:1]), cols.cumsum(axis=0)], axis=0)
+        i = np.arange(a, b)
+        lo, hi = (i * H) // height - r0, -((-(i + 1) * H) // height) - r0
+        rows = (rsum[hi] - rsum[lo]) / (hi - lo)[:, None, None]
+        out[a:b] = np.clip(np.rint(rows), 0, 255).astype(np.uint8)
+    return out
+
+
+def _windowable(page) -> bool:
+    """Whether ``load_rgb`` reads this TIFF page as a window of the scene reads it: a
+    plain image of one or more bands in 8 bits or more (8-bit only as gray or RGB, the
+    layouts Pillow and tifffile read alike), not a palette, YCbCr or bilevel image."""
+    if page.axes not in ("YX", "YXS", "SYX") or page.photometric not in (_MINISBLACK, _RGB):
+        return False
+    if page.subsampling not in (None, (1, 1)) or page.compression in (6, 7):  # JPEG
+        return False
+    bits = page.bitspersample
+    bits = max(bits) if isinstance(bits, tuple) else bits
+    if bits < 8:
+        return False
+    return bits > 8 or page.samplesperpixel in (1, 3)
+
+
+def open_scene(path: str | Path, upright: bool = True) -> Scene:
+    """The image at ``path`` as a :class:`Scene`: a tiled or striped TIFF window by
+    window (:class:`TiffScene`; the pixel limit does not apply, since no more than a
+    band of rows is ever decoded), any other image decoded whole under
+    ``EFPN_MAX_SLICED_PIXELS`` (:class:`ArrayScene`). A TIFF that its orientation tag
+    turns is read whole. Bad files are a one-line :class:`DataError`."""
+    if _is_tiff(path):
+        tif = _open_tiff(path)
+        try:
+            page = tif.pages[0]
+            turned = upright and _tiff_orientation(page) != 1
+            if _windowable(page) and not turned:
+                return TiffScene(path, tif, page)
+        except Exception:  # a layout or codec this reader does not cover: read it whole
+            pass
+        tif.close()
+    return ArrayScene(load_rgb(path, sliced=True, upright=upright))

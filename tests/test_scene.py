@@ -1,0 +1,192 @@
+"""Huge scenes read window by window: the same pixels as a whole read, a fraction of its
+memory, and sliced prediction and ``data slice`` on top of them."""
+
+import json
+import tracemalloc
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+
+from efpn.data import DataError
+from efpn.data import scene as scene_module
+from efpn.data.image import load_rgb
+from efpn.data.scene import ArrayScene, TiffScene, open_scene
+from efpn.slicing import predict_sliced
+from test_slicing import IdDetector, _scene
+
+NODATA = [(42113, "s", 0, "0", True)]  # GDAL_NODATA "0"
+
+
+def _deep(h=301, w=517, bands=4):
+    rng = np.random.default_rng(0)
+    a = rng.integers(100, 4095, (h, w, bands)).astype(np.uint16)
+    a[:20, :30] = 0  # nodata
+    return a
+
+
+LAYOUTS = {
+    # 16-bit four-band, tiled, one plane per band, Deflate, a nodata value
+    "tiled_planar_16bit": lambda: (
+        np.moveaxis(_deep(), -1, 0),
+        dict(
+            tile=(64, 128),
+            compression="zlib",
+            photometric="minisblack",
+            planarconfig="separate",
+            extratags=NODATA,
+        ),
+    ),
+    # striped, interleaved bands, strips of 7 rows
+    "striped_16bit": lambda: (
+        _deep(),
+        dict(rowsperstrip=7, compression="zlib", photometric="minisblack", planarconfig="contig"),
+    ),
+    # uncompressed and contiguous: mapped from the file, not decoded
+    "uncompressed_16bit": lambda: (
+        _deep(),
+        dict(photometric="minisblack", planarconfig="contig"),
+    ),
+    "tiled_8bit_rgb": lambda: (
+        _deep()[..., :3].astype(np.uint8),
+        dict(tile=(32, 48), photometric="rgb"),
+    ),
+    "striped_float_gray": lambda: (
+        _deep()[..., 0].astype(np.float32) - 2000,
+        dict(rowsperstrip=16, compression="zlib", photometric="minisblack"),
+    ),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_windowed_scenes_read_as_load_rgb_reads_them(tmp_path, layout):
+    data, kw = LAYOUTS[layout]()
+    path = tmp_path / f"{layout}.tif"
+    tifffile.imwrite(path, data, **kw)
+    whole = load_rgb(path, sliced=True)
+    with open_scene(path) as scene:
+        assert isinstance(scene, TiffScene)
+        assert scene.shape == whole.shape == (301, 517, 3)
+        for x0, y0, x1, y1 in [(0, 0, 517, 301), (13, 7, 200, 150), (400, 250, 517, 301)]:
+            window = scene.window(x0, y0, x1, y1)
+            assert window.dtype == np.uint8
+            np.testing.assert_array_equal(window, whole[y0:y1, x0:x1])
+        # the whole scene averaged down, band by band, as adaptive average pooling does
+        chw = torch.from_numpy(whole).permute(2, 0, 1).double()
+        pooled = torch.nn.functional.adaptive_avg_pool2d(chw, (50, 80)).round().byte()
+        np.testing.assert_array_equal(scene.shrunk(50, 80), pooled.permute(1, 2, 0).numpy())
+    if data.dtype == np.uint16:  # deep data are stretched, not cut to their high byte
+        assert whole.max() == 255
+
+
+def test_other_images_are_read_whole(tmp_path):
+    rgb = _deep(40, 60)[..., :3].astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "a.png")
+    with open_scene(tmp_path / "a.png") as scene:
+        assert isinstance(scene, ArrayScene)
+        np.testing.assert_array_equal(scene.window(5, 6, 30, 20), rgb[6:20, 5:30])
+    # a TIFF turned by its orientation tag is read whole, upright; as stored, by window
+    turned = tmp_path / "turned.tif"
+    tifffile.imwrite(turned, rgb, photometric="rgb", tile=(16, 16), extratags=[(274, "H", 1, 6)])
+    with open_scene(turned) as scene:
+        assert isinstance(scene, ArrayScene) and scene.shape == (60, 40, 3)
+        np.testing.assert_array_equal(scene.window(0, 0, 40, 60), load_rgb(turned))
+    with open_scene(turned, upright=False) as scene:
+        assert isinstance(scene, TiffScene) and scene.shape == (40, 60, 3)
+        np.testing.assert_array_equal(scene.window(0, 0, 60, 40), rgb)
+    # a palette image: Pillow's colours, not tifffile's indices
+    palette = Image.fromarray(rgb).convert("P")
+    palette.save(tmp_path / "palette.tif")
+    with open_scene(tmp_path / "palette.tif") as scene:
+        assert isinstance(scene, ArrayScene)
+        np.testing.assert_array_equal(scene.window(0, 0, 60, 40), np.array(palette.convert("RGB")))
+
+
+def test_a_windowed_scene_decodes_only_the_windows_it_reads(tmp_path, monkeypatch):
+    h, w = 1536, 2048  # 24 MB of 16-bit samples in four bands
+    data = np.random.default_rng(1).integers(0, 4095, (h, w, 4)).astype(np.uint16)
+    path = tmp_path / "big.tif"
+    tiff = dict(
+        tile=(256, 256), compression="zlib", photometric="minisblack", planarconfig="contig"
+    )
+    tifffile.imwrite(path, data, **tiff)
+    del data
+    monkeypatch.setattr(scene_module, "CACHE_BYTES", 2 * 2**20)
+    monkeypatch.setattr(scene_module, "SAMPLE_BAND_BYTES", 2 * 2**20)
+    # over the pixel limit of sliced prediction: refused whole, read by window
+    monkeypatch.setenv("EFPN_MAX_SLICED_PIXELS", str(1000 * 1000))
+    with pytest.raises(DataError, match="over the limit"):
+        load_rgb(path, sliced=True)
+    with open_scene(path) as scene:  # its stretch comes from a sample, read band by band
+        tracemalloc.start()
+        try:
+            window = scene.window(300, 700, 556, 956)  # four of 48 tiles
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert window.shape == (256, 256, 3)
+        assert peak < 8 * 2**20, peak  # the scene's samples alone are 24 MB
+        np.testing.assert_array_equal(window, scene.window(0, 0, w, h)[700:956, 300:556])
+
+
+def test_sliced_prediction_reads_a_windowed_scene_as_the_whole_image(tmp_path):
+    boxes = [(5, 5, 15, 15), (285, 185, 300, 200), (85, 10, 95, 20), (150, 120, 170, 135)]
+    img = _scene(200, 300, boxes)
+    tifffile.imwrite(tmp_path / "s.tif", img, photometric="rgb", tile=(32, 64))
+    model = IdDetector()
+    with open_scene(tmp_path / "s.tif") as scene:
+        assert isinstance(scene, TiffScene)
+        windowed = predict_sliced(model, scene, 100, 0.2, merge="nmm", batch_size=3)
+        assert all(c[0] <= 100 and c[1] <= 100 for c in model.calls)  # tiles, never the scene
+        whole = predict_sliced(IdDetector(), img, 100, 0.2, merge="nmm", batch_size=3)
+        for key in ("boxes", "scores", "labels"):
+            torch.testing.assert_close(windowed[key], whole[key])
+        got = sorted(tuple(int(v) for v in b) for b in windowed["boxes"].tolist())
+        assert got == sorted(boxes)
+    # the full-image pass of a windowed scene: the scene averaged down, boxes scaled back
+    big = _scene(200, 200, [(20, 20, 180, 180)])
+    tifffile.imwrite(tmp_path / "big.tif", big, photometric="rgb", rowsperstrip=9)
+    with open_scene(tmp_path / "big.tif") as scene:
+        assert isinstance(scene, TiffScene)
+        both = predict_sliced(IdDetector(), scene, 64, 0.2, merge="nmm", full_image=True)
+    assert [20.0, 20.0, 180.0, 180.0] in both["boxes"].tolist()
+
+
+def test_predict_reads_tiffs_by_window_draws_huge_ones_shrunk_and_skips_damaged_ones(
+    trained_run, tmp_path, monkeypatch, capsys
+):
+    from efpn.cli import main
+    from efpn.engine import predict as predict_module
+
+    run, _ = trained_run
+    weights = str(run / "stage3" / "best.pt")
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "scenes"
+    folder.mkdir()
+    scene = rng.integers(0, 255, (150, 200, 3), dtype=np.uint8)
+    tifffile.imwrite(folder / "a.tif", scene, photometric="rgb", tile=(32, 32))
+    Image.fromarray(scene).save(folder / "a_copy.png")
+    # a tiled scene whose last tiles are cut off: the header reads, the pixels do not
+    tifffile.imwrite(folder / "cut.tif", scene, photometric="rgb", tile=(32, 32))
+    raw = (folder / "cut.tif").read_bytes()
+    (folder / "cut.tif").write_bytes(raw[: len(raw) - 4000])
+    with open_scene(folder / "cut.tif") as cut:
+        assert isinstance(cut, TiffScene)
+    monkeypatch.setattr(predict_module, "MAX_DRAWING_SIDE", 100)
+    out = tmp_path / "out"
+    args = ["predict", "--weights", weights, "--source", str(folder), "--out", str(out)]
+    assert main([*args, "--slice", "64", "--score-thresh", "0", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert f"skipped: {folder / 'cut.tif'}: cannot decode image" in err
+    assert "skipped 1 of 3 image(s)" in err
+    results = json.loads((out / "predictions.json").read_text())
+    by_file = {
+        name: sorted((r["bbox"], r["score"]) for r in results if r["file_name"] == name)
+        for name in ("a.tif", "a_copy.png")
+    }
+    assert by_file["a.tif"] == by_file["a_copy.png"]  # by window as from the whole image
+    # the windowed scene is drawn averaged down to MAX_DRAWING_SIDE, the PNG whole
+    assert Image.open(out / "a.png").size == (100, 75)
+    assert Image.open(out / "a_copy.png").size == (200, 150)
