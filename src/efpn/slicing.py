@@ -91,7 +91,7 @@ def _as_chw(image) -> Tensor:
 def _full_image_pass(model, chw: Tensor | Scene, as_float) -> dict[str, Tensor]:
     """The whole image once, shrunk in uint8 to the size the model's transform would
     give it (so the scene never exists as floats at full size; a windowed scene is
-    averaged down band by band); boxes scaled back."""
+    first averaged down by whole blocks, band by band); boxes scaled back."""
     scene = chw if isinstance(chw, Scene) else None
     h, w = (scene.height, scene.width) if scene is not None else chw.shape[1:]
     t = model.transform
@@ -100,10 +100,14 @@ def _full_image_pass(model, chw: Tensor | Scene, as_float) -> dict[str, Tensor]:
     else:
         f = min(float(t.min_size[-1]) / min(h, w), float(t.max_size) / max(h, w))
     size = (max(int(round(h * f)), 1), max(int(round(w * f)), 1))
-    if scene is not None:
-        small = _as_chw(scene.shrunk(*size) if f < 1 else scene.window(0, 0, w, h))
+    if f >= 1:  # the model's transform enlarges it
+        small = _as_chw(scene.window(0, 0, w, h)) if scene is not None else chw
     else:
-        small = tvf.resize(chw, list(size), antialias=True) if f < 1 else chw
+        if scene is not None:  # whole blocks averaged band by band, then as an array
+            chw = _as_chw(scene.reduced(max(1, int(1 / f))))
+        small = (
+            chw if tuple(chw.shape[-2:]) == size else tvf.resize(chw, list(size), antialias=True)
+        )
     out = model([as_float(small)])[0]
     sx, sy = w / small.shape[-1], h / small.shape[-2]
     scale = torch.tensor([sx, sy, sx, sy], dtype=out["boxes"].dtype, device=out["boxes"].device)

@@ -32,14 +32,16 @@ from .image import (
 )
 from .records import DataError
 
-__all__ = ["ArrayScene", "Scene", "TiffScene", "open_scene", "shrink_area"]
+__all__ = ["ArrayScene", "Scene", "TiffScene", "open_scene", "reduce_scene"]
 
 _MINISBLACK, _RGB = 1, 2
 #: a strip or tile decoded to more than this is not read window by window (a scene stored
 #: as one strip would be decoded whole for every window)
 MAX_SEGMENT_BYTES = 256 * 2**20
-#: decoded strips and tiles kept for the next windows (a band of rows across the scene)
-CACHE_BYTES = 1024 * 2**20
+#: decoded strips and tiles kept for the next windows: at least this, and as many as a
+#: band of rows across the scene of the last window's height holds (windows are read row
+#: by row, and a strip spans the whole width)
+CACHE_BYTES = 256 * 2**20
 #: rows read at once for the stretch's sample of a deep scene
 SAMPLE_BAND_BYTES = 64 * 2**20
 
@@ -58,11 +60,10 @@ class Scene:
         """The pixels of columns ``x0:x1`` and rows ``y0:y1``, ``(y1 - y0, x1 - x0, 3)``."""
         raise NotImplementedError
 
-    def shrunk(self, height: int, width: int) -> np.ndarray:
-        """The whole scene averaged down to ``(height, width, 3)`` uint8 (each output
-        pixel the mean of the input pixels it covers, as
-        :func:`torch.nn.functional.adaptive_avg_pool2d`), read in bands of rows."""
-        return shrink_area(self, height, width)
+    def reduced(self, factor: int) -> np.ndarray:
+        """The whole scene with each ``factor x factor`` block averaged to one pixel
+        (:func:`reduce_scene`), read in bands of rows."""
+        return reduce_scene(self, factor)
 
     def close(self) -> None:
         """Release the file (a no-op for an image in memory)."""
@@ -97,6 +98,8 @@ class TiffScene(Scene):
         self._dtype = np.dtype(page.dtype)
         self._nodata = _tiff_nodata(page)
         self._memmap = None
+        self._sampling = False
+        self._band_bytes = 0
         if page.is_memmappable:
             import tifffile
 
@@ -124,7 +127,8 @@ class TiffScene(Scene):
 
     # -------------------------------------------------------------- raw samples
     def _decode_segment(self, index: int) -> np.ndarray:
-        """Strip or tile ``index`` as ``(rows, cols, contig samples)``; kept for reuse."""
+        """Strip or tile ``index`` as ``(rows, cols, contig samples)``; kept for reuse
+        (unless the scene is being sampled, in one pass that reads each only once)."""
         if index in self._cache:
             self._cache.move_to_end(index)
             return self._cache[index]
@@ -145,9 +149,11 @@ class TiffScene(Scene):
         if segment is None:  # an empty strip or tile: zeros, as tifffile fills it
             segment = np.zeros(shape, dtype=self._dtype)
         segment = segment.reshape(segment.shape[-3:])
+        if self._sampling:
+            return segment
         self._cache[index] = segment
         self._cached += segment.nbytes
-        while self._cached > CACHE_BYTES and len(self._cache) > 1:
+        while self._cached > max(CACHE_BYTES, self._band_bytes) and len(self._cache) > 1:
             _, old = self._cache.popitem(last=False)
             self._cached -= old.nbytes
         return segment
@@ -159,6 +165,8 @@ class TiffScene(Scene):
             return np.concatenate(list(block), axis=-1) if self._planes > 1 else block[0]
         out = np.empty((y1 - y0, x1 - x0, self.bands), dtype=self._dtype)
         sh, sw = self._seg_h, self._seg_w
+        row_bytes = self.width * self.bands * self._dtype.itemsize
+        self._band_bytes = max(self._band_bytes, (y1 - y0 + 2 * sh) * row_bytes)
         per_plane = self._across * self._down
         for plane in range(self._planes):
             bands = slice(plane * self._contig, (plane + 1) * self._contig)
@@ -192,9 +200,13 @@ class TiffScene(Scene):
             step, SAMPLE_BAND_BYTES // max(1, self.width * self.bands * self._dtype.itemsize)
         )
         band = max(step, band // step * step)  # whole steps, so the sampled rows line up
-        for r0 in range(0, self.height, band):
-            block = self._raw(0, r0, self.width, min(r0 + band, self.height))
-            parts.append(self._as_values(block[::step, ::step]))
+        self._sampling = True
+        try:
+            for r0 in range(0, self.height, band):
+                block = self._raw(0, r0, self.width, min(r0 + band, self.height))
+                parts.append(self._as_values(block[::step, ::step]))
+        finally:
+            self._sampling = False
         return stretch_range(np.concatenate(parts), self._nodata)
 
     # -------------------------------------------------------------- RGB windows
@@ -213,31 +225,22 @@ class TiffScene(Scene):
         self._tif.close()
 
 
-def shrink_area(scene: Scene, height: int, width: int, band_bytes: int = 64 * 2**20) -> np.ndarray:
-    """``scene`` averaged down to ``(height, width, 3)`` uint8, exactly as
-    :func:`torch.nn.functional.adaptive_avg_pool2d` bins it (output row ``i`` averages
-    input rows ``floor(i H / h)`` to ``ceil((i + 1) H / h)``), in bands of rows of about
-    ``band_bytes`` as float64, so only one band of the scene is read at once."""
+def reduce_scene(scene: Scene, factor: int, band_rows: int = 256) -> np.ndarray:
+    """``scene`` with each ``factor x factor`` block averaged to one pixel (Pillow's
+    :meth:`~PIL.Image.Image.reduce`; a partial block at the right or bottom edge averages
+    what it covers), ``(ceil(H / factor), ceil(W / factor), 3)`` uint8, read in bands of
+    whole blocks of about ``band_rows`` rows, so only one band is decoded at a time."""
+    from PIL import Image
+
+    if factor < 1:
+        raise ValueError(f"the factor must be 1 or more, got {factor}")
     H, W = scene.height, scene.width
-    if not (0 < height <= H and 0 < width <= W):
-        raise ValueError(f"cannot shrink {W}x{H} to {width}x{height}")
-    rows_per_output = -(-H // height) + 1
-    band_rows = max(1, band_bytes // (rows_per_output * W * 3 * 8))
-    col_lo = (np.arange(width) * W) // width
-    col_hi = -((-(np.arange(width) + 1) * W) // width)
-    out = np.empty((height, width, 3), dtype=np.uint8)
-    for a in range(0, height, band_rows):
-        b = min(a + band_rows, height)
-        r0, r1 = (a * H) // height, -((-b * H) // height)
-        block = scene.window(0, r0, W, r1).astype(np.float64)
-        # columns: bin sums from a cumulative sum along the width
-        csum = np.concatenate([np.zeros_like(block[:, :1]), block.cumsum(axis=1)], axis=1)
-        cols = (csum[:, col_hi] - csum[:, col_lo]) / (col_hi - col_lo)[None, :, None]
-        rsum = np.concatenate([np.zeros_like(cols[:1]), cols.cumsum(axis=0)], axis=0)
-        i = np.arange(a, b)
-        lo, hi = (i * H) // height - r0, -((-(i + 1) * H) // height) - r0
-        rows = (rsum[hi] - rsum[lo]) / (hi - lo)[:, None, None]
-        out[a:b] = np.clip(np.rint(rows), 0, 255).astype(np.uint8)
+    out = np.empty((-(-H // factor), -(-W // factor), 3), dtype=np.uint8)
+    step = max(1, band_rows // factor) * factor
+    for r0 in range(0, H, step):
+        band = Image.fromarray(np.ascontiguousarray(scene.window(0, r0, W, min(r0 + step, H))))
+        small = np.asarray(band.reduce(factor) if factor > 1 else band)
+        out[r0 // factor : r0 // factor + small.shape[0]] = small
     return out
 
 

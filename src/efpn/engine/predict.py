@@ -52,16 +52,18 @@ MAX_DRAWING_SIDE = 8192
 
 def _drawing_base(image, pred: dict, gt: dict | None):
     """The image to draw on, and the predictions and ground truth in its pixels: the
-    image itself, or a windowed scene over :data:`MAX_DRAWING_SIDE` averaged down."""
+    image itself, or a windowed scene over :data:`MAX_DRAWING_SIDE` averaged down by
+    whole blocks to at most that."""
     if not isinstance(image, Scene):
         return Image.fromarray(image), pred, gt
     if isinstance(image, ArrayScene):
         return Image.fromarray(image.array), pred, gt
     h, w = image.height, image.width
-    f = min(1.0, MAX_DRAWING_SIDE / max(h, w))
-    if f == 1.0:
+    factor = -(-max(h, w) // MAX_DRAWING_SIDE)
+    if factor == 1:
         return Image.fromarray(image.window(0, 0, w, h)), pred, gt
-    sh, sw = max(1, round(h * f)), max(1, round(w * f))
+    small = image.reduced(factor)
+    sh, sw = small.shape[:2]
     scale = torch.tensor([sw / w, sh / h, sw / w, sh / h])
 
     def shrunk(target):
@@ -69,7 +71,7 @@ def _drawing_base(image, pred: dict, gt: dict | None):
             return None
         return {**target, "boxes": torch.as_tensor(target["boxes"]).reshape(-1, 4) * scale}
 
-    return Image.fromarray(image.shrunk(sh, sw)), shrunk(pred), shrunk(gt)
+    return Image.fromarray(small), shrunk(pred), shrunk(gt)
 
 
 def _write_labels(path: Path, output: dict, shape, score_thresh: float, save_conf: bool) -> None:
