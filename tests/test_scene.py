@@ -2,6 +2,7 @@
 memory, and sliced prediction and ``data slice`` on top of them."""
 
 import json
+import re
 import tracemalloc
 
 import numpy as np
@@ -191,3 +192,12 @@ def test_predict_reads_tiffs_by_window_draws_huge_ones_shrunk_and_skips_damaged_
     # the windowed scene is drawn averaged down to MAX_DRAWING_SIDE or less, the PNG whole
     assert Image.open(out / "a.png").size == (100, 75)  # blocks of 2x2
     assert Image.open(out / "a_copy.png").size == (200, 150)
+    # without a terminal: a timestamped line per scene, and tile counts while one runs
+    one = ["predict", "--weights", weights, "--source", str(folder / "a.tif")]
+    assert main([*one, "--out", str(tmp_path / "one"), "--slice", "64"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(r"\[[-0-9: ]+\] a\.tif: 200x150 px, \d+ detections in \d+ s", lines[0])
+    progress = predict_module._ProgressLines("a.tif", every=0.0)
+    progress(4, 12)
+    progress(12, 12)  # the last batch is the scene's own line
+    assert re.fullmatch(r"\[[-0-9: ]+\] a\.tif: 4/12 tiles\n", capsys.readouterr().out)

@@ -128,6 +128,7 @@ def predict_sliced(
     device="cpu",
     progress: bool = False,
     desc: str = "tiles",
+    on_batch=None,
 ) -> dict[str, Tensor]:
     """Detect objects in a huge image tile by tile.
 
@@ -149,6 +150,9 @@ def predict_sliced(
         batch_size: tiles per forward pass.
         device: where the model runs.
         progress: show a progress bar over the tiles.
+        desc: the progress bar's label.
+        on_batch: called as ``on_batch(tiles_done, tiles_total)`` after each batch (for
+            progress lines where there is no terminal for a bar).
 
     Returns:
         ``{"boxes" (xyxy in image pixels), "scores", "labels"}`` on the CPU.
@@ -183,6 +187,8 @@ def predict_sliced(
             parts.append({k: (v + shift if k == "boxes" else v).cpu() for k, v in out.items()})
         del tiles
         bar.update(len(chunk))
+        if on_batch is not None:
+            on_batch(start + len(chunk), len(windows))
     bar.close()
     if full_image and len(windows) > 1:
         parts.append(_full_image_pass(model, chw, as_float))

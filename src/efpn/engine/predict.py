@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -48,6 +49,21 @@ def _drawing_names(paths: list[Path], source: Path) -> dict[Path, str]:
 #: the longest side of the drawing of a scene read window by window; a larger scene is
 #: drawn shrunk (a 40000-px scene drawn whole would be a 4.8 GB image)
 MAX_DRAWING_SIDE = 8192
+
+
+class _ProgressLines:
+    """Timestamped ``scene: k/N tiles`` lines at most once a minute, for sliced
+    prediction of a huge scene when there is no terminal for a progress bar."""
+
+    def __init__(self, name: str, every: float = 60.0):
+        self.name, self.every, self.last = name, every, time.monotonic()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.last >= self.every and done < total:
+            self.last = now
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            print(f"[{stamp}] {self.name}: {done}/{total} tiles", flush=True)
 
 
 def _drawing_base(image, pred: dict, gt: dict | None):
@@ -228,6 +244,7 @@ def predict(
         if not chunk:
             continue
         if slice_size:
+            started = time.monotonic()
             try:
                 outputs = [
                     predict_sliced(
@@ -241,8 +258,17 @@ def predict(
                         device=device,
                         progress=not quiet and tty,
                         desc=chunk[0].name,
+                        on_batch=None if quiet or tty else _ProgressLines(chunk[0].name),
                     )
                 ]
+                if not quiet and not tty:
+                    scene = arrays[0]
+                    print(
+                        f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {chunk[0].name}: "
+                        f"{scene.shape[1]}x{scene.shape[0]} px, {len(outputs[0]['boxes'])} "
+                        f"detections in {time.monotonic() - started:.0f} s",
+                        flush=True,
+                    )
             except DataError as e:  # a strip or tile of a windowed scene is damaged
                 arrays[0].close()
                 if not source.is_dir():
