@@ -196,15 +196,16 @@ class TiffScene(Scene):
             return stretch_range(None)
         step = sample_step(self.height, self.width)
         parts = []
-        band = max(
-            step, SAMPLE_BAND_BYTES // max(1, self.width * self.bands * self._dtype.itemsize)
-        )
-        band = max(step, band // step * step)  # whole steps, so the sampled rows line up
+        # bands of whole strips or tiles, so that each is decoded once (and not kept)
+        seg_h = 1 if self._memmap is not None else self._seg_h
+        row_bytes = self.width * self.bands * self._dtype.itemsize
+        band = max(1, SAMPLE_BAND_BYTES // (row_bytes * seg_h)) * seg_h
         self._sampling = True
         try:
             for r0 in range(0, self.height, band):
                 block = self._raw(0, r0, self.width, min(r0 + band, self.height))
-                parts.append(self._as_values(block[::step, ::step]))
+                first = -r0 % step  # the sample's rows are 0, step, 2 step, ... of the scene
+                parts.append(self._as_values(block[first::step, ::step]))
         finally:
             self._sampling = False
         return stretch_range(np.concatenate(parts), self._nodata)
