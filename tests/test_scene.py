@@ -197,6 +197,12 @@ def test_predict_reads_tiffs_by_window_draws_huge_ones_shrunk_and_skips_damaged_
     assert main([*one, "--out", str(tmp_path / "one"), "--slice", "64"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert re.fullmatch(r"\[[-0-9: ]+\] a\.tif: 200x150 px, \d+ detections in \d+ s", lines[0])
+    # --no-draw: the same results, no drawing
+    bare = tmp_path / "bare"
+    assert main([*one, "--out", str(bare), "--slice", "64", "--no-draw", "--quiet"]) == 0
+    assert sorted(p.name for p in bare.iterdir()) == ["predictions.json"]
+    same = json.loads((tmp_path / "one" / "predictions.json").read_text())
+    assert json.loads((bare / "predictions.json").read_text()) == same
     progress = predict_module._ProgressLines("a.tif", every=0.0)
     progress(4, 12)
     progress(12, 12)  # the last batch is the scene's own line

@@ -363,6 +363,11 @@ def _add_predict(sub) -> None:
         help="also write the boxes at --score-thresh of georeferenced scenes (GeoTIFF, world "
         "file) as map polygons, predictions.geojson",
     )
+    p.add_argument(
+        "--no-draw",
+        action="store_true",
+        help="write no drawings (results only; a huge scene's drawing costs a pass over it)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars or summary line")
     add_override_args(p, "inference settings of the checkpoint's recipe, e.g. model.merge=fused")
     p.set_defaults(func=_cmd_predict)
@@ -449,8 +454,9 @@ def _cmd_predict(args) -> int:
         save_txt=args.save_txt,
         save_conf=args.save_conf,
         save_geojson=args.save_geojson,
+        draw=not args.no_draw,
     )
-    if not args.quiet:
+    if not args.quiet and not args.no_draw:
         print(f"drawings in {path.parent}")
     return 0
 

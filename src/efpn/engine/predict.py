@@ -173,6 +173,7 @@ def predict(
     save_txt: bool = False,
     save_conf: bool = False,
     save_geojson: bool = False,
+    draw: bool = True,
 ) -> Path:
     """Detect objects in ``source`` (an image or a folder) with a checkpoint.
 
@@ -194,7 +195,8 @@ def predict(
     ``save_geojson`` writes the boxes at ``score_thresh`` or above of georeferenced
     scenes (GeoTIFF tags or a world file, :func:`efpn.geo.georeference`) as map polygons,
     ``out/predictions.geojson``, or one file per scene in ``out/geojson/`` when the scenes'
-    CRSs differ; scenes without a georeference are counted and named.
+    CRSs differ; scenes without a georeference are counted and named. ``draw=False``
+    writes no drawings.
     """
     from ..slicing import predict_sliced
 
@@ -303,11 +305,14 @@ def predict(
                     "boxes": torch.as_tensor(r.boxes),
                     "labels": torch.as_tensor(r.labels) + 1,
                 }
-            base, o_drawn, gt_drawn = _drawing_base(a, o, gt_target)
-            drawn = draw_detections(base, o_drawn, classes, gt=gt_drawn, score_thresh=score_thresh)
-            drawing = out / drawings[p]
-            drawing.parent.mkdir(parents=True, exist_ok=True)
-            drawn.save(drawing)
+            if draw:
+                base, o_drawn, gt_drawn = _drawing_base(a, o, gt_target)
+                drawn = draw_detections(
+                    base, o_drawn, classes, gt=gt_drawn, score_thresh=score_thresh
+                )
+                drawing = out / drawings[p]
+                drawing.parent.mkdir(parents=True, exist_ok=True)
+                drawn.save(drawing)
             if save_geojson:
                 ref = refs[p]
                 if ref is None:
@@ -344,7 +349,7 @@ def predict(
     if not quiet:
         print(
             f"{len(paths) - skipped} image(s): {len(results)} detections, {kept} at score >= "
-            f"{score_thresh} (drawn); wrote {path}",
+            f"{score_thresh}{' (drawn)' if draw else ''}; wrote {path}",
             flush=True,
         )
     return path
