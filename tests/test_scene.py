@@ -176,6 +176,12 @@ def test_predict_reads_tiffs_by_window_draws_huge_ones_shrunk_and_skips_damaged_
     (folder / "cut.tif").write_bytes(raw[: len(raw) - 4000])
     with open_scene(folder / "cut.tif") as cut:
         assert isinstance(cut, TiffScene)
+    # a header whose image was never written (a write cut short): one line, no traceback
+    header_only = tmp_path / "header_only.tif"
+    with tifffile.TiffWriter(header_only):
+        pass
+    with pytest.raises(DataError, match=r"header_only.tif: cannot decode image: the TIFF holds no"):
+        open_scene(header_only)
     monkeypatch.setattr(predict_module, "MAX_DRAWING_SIDE", 100)
     out = tmp_path / "out"
     args = ["predict", "--weights", weights, "--source", str(folder), "--out", str(out)]

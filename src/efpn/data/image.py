@@ -242,15 +242,24 @@ def _tiff_needs_tifffile(im: Image.Image) -> bool:
 
 def _open_tiff(path):
     try:
+        import logging
+
         import tifffile
+
+        # what tifffile logs about a damaged file, efpn says in its one-line error
+        logging.getLogger("tifffile").setLevel(logging.ERROR)
     except ImportError:  # a dependency; only a broken install lacks it
         raise DataError(
             f"{path}: a TIFF that Pillow cannot read needs tifffile (pip install tifffile)"
         ) from None
     try:
-        return tifffile.TiffFile(path)
+        tif = tifffile.TiffFile(path)
     except Exception as e:  # tifffile raises several types for damaged files
         raise DataError(f"{path}: cannot decode image: {e}") from None
+    if len(tif.pages) == 0:  # a header only, as a write cut short leaves
+        tif.close()
+        raise DataError(f"{path}: cannot decode image: the TIFF holds no image")
+    return tif
 
 
 def _tiff_width_height(path, page) -> tuple[int, int]:
