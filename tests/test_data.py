@@ -739,6 +739,64 @@ def _tiff(path, arr, **kw):
     return path
 
 
+def _png16(path, arr, colour_type):
+    """A 16-bit PNG written by hand (Pillow cannot write 16-bit colour), every other row
+    with the Sub filter, so that the decoder must undo PNG's filtering."""
+    import struct
+    import zlib
+
+    h, w = arr.shape[:2]
+    data = arr.astype(">u2").reshape(h, -1).view(np.uint8).reshape(h, -1)
+    bpp = data.shape[1] // w
+    rows = []
+    for r in range(h):
+        row = data[r]
+        if r % 2:
+            sub = row.copy()
+            sub[bpp:] = row[bpp:] - row[:-bpp]  # uint8 arithmetic wraps, as PNG's does
+            rows.append(b"\x01" + sub.tobytes())
+        else:
+            rows.append(b"\x00" + row.tobytes())
+
+    def chunk(kind, body):
+        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"".join(rows)))
+        + chunk(b"IEND", b"")
+    )
+    return path
+
+
+def test_16bit_colour_pngs_read_as_stretched_rgb(tmp_path):
+    from efpn.data.image import stretch_to_uint8
+
+    rng = np.random.default_rng(0)
+    rgb12 = rng.integers(0, 4096, (24, 36, 3)).astype(np.uint16)  # 12-bit data in 16 bits
+    path = _png16(tmp_path / "rgb16.png", rgb12, colour_type=2)
+    with Image.open(path) as im:
+        assert np.asarray(im.convert("RGB")).max() <= 16  # Pillow keeps the high byte
+    got = load_rgb(path)
+    assert got.max() >= 250
+    np.testing.assert_array_equal(got, stretch_to_uint8(rgb12))
+    # alpha is dropped; gray and alpha reads as gray
+    alpha = np.full((24, 36, 1), 65535, np.uint16)
+    rgba = _png16(tmp_path / "rgba16.png", np.concatenate([rgb12, alpha], axis=2), 6)
+    np.testing.assert_array_equal(load_rgb(rgba), stretch_to_uint8(rgb12))
+    gray = _png16(tmp_path / "ga16.png", np.concatenate([rgb12[..., :1], alpha], axis=2), 4)
+    np.testing.assert_array_equal(load_rgb(gray), stretch_to_uint8(rgb12[..., [0, 0, 0]]))
+    # a file cut short is a one-line error naming it
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(DataError, match=r"cut.png: cannot decode image: its PNG data are dam") as err:
+        load_rgb(cut)
+    assert "\n" not in str(err.value)
+
+
 def test_16bit_and_multiband_tiffs_read_as_stretched_rgb(tmp_path, monkeypatch, caplog):
     import logging
 

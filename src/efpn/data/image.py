@@ -120,6 +120,9 @@ def load_rgb(path: str | Path, sliced: bool = False, upright: bool = True) -> np
         try:
             with Image.open(path) as im:
                 check_size(path, *im.size, sliced=sliced)
+                channels = _png_deep_colour(path) if im.format == "PNG" else None
+                if channels:
+                    return _read_png16(path, im, channels, sliced=sliced, upright=upright)
                 if im.format != "TIFF":
                     return _pil_rgb(im, upright)
                 turned = getattr(im, "tag_v2", {}).get(_ORIENTATION, 1) not in (1, None)
@@ -215,6 +218,46 @@ def apply_stretch(arr: np.ndarray, lo: float, hi: float, nodata: float | None = 
         block[bad] = 0
         out[r : r + 1024] = block.astype(np.uint8)
     return out
+
+
+# ------------------------------------------------------------------ 16-bit colour PNGs
+_PNG_GRAY_ALPHA, _PNG_RGB, _PNG_RGBA = 4, 2, 6
+
+
+def _png_deep_colour(path) -> int | None:
+    """The channel count of a 16-bit PNG with colour or alpha, which Pillow reads as its
+    high bytes (a 12-bit scene in 16-bit samples would read nearly black); ``None`` for
+    any other PNG (16-bit gray Pillow reads whole)."""
+    with open(path, "rb") as f:
+        head = f.read(26)
+    if len(head) < 26 or head[24] != 16:
+        return None
+    return {_PNG_GRAY_ALPHA: 2, _PNG_RGB: 3, _PNG_RGBA: 4}.get(head[25])
+
+
+def _read_png16(path, im: Image.Image, channels: int, sliced: bool, upright: bool) -> np.ndarray:
+    """A 16-bit colour PNG decoded whole by torchvision's libpng (the one reader at
+    hand that keeps 16-bit colour), then stretched as every deep image is; alpha is
+    dropped, and the EXIF orientation applied as Pillow would."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_png
+
+    check_size(path, *im.size, sliced=sliced, bytes_per_pixel=2 * channels)
+    orientation = exif_orientation(im) if upright else 1
+    data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+    try:
+        chw = decode_png(data, mode=ImageReadMode.UNCHANGED)
+    except RuntimeError:  # libpng's message names its own source file, not ours
+        raise DataError(
+            f"{path}: cannot decode image: its PNG data are damaged or cut short"
+        ) from None
+    if chw.dtype == torch.uint16:  # older torchvision gives int32
+        arr = chw.view(torch.int16).numpy().view(np.uint16)
+    else:
+        arr = chw.numpy().astype(np.uint16)
+    arr = np.moveaxis(arr, 0, -1)[..., : 3 if channels >= 3 else 1]
+    rgb = stretch_to_uint8(np.repeat(arr, 3, axis=2) if arr.shape[2] == 1 else arr)
+    return np.ascontiguousarray(_orient(rgb, orientation))
 
 
 # ------------------------------------------------------------------ TIFFs beyond Pillow
