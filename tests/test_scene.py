@@ -131,6 +131,10 @@ def test_a_windowed_scene_decodes_only_the_windows_it_reads(tmp_path, monkeypatc
         assert window.shape == (256, 256, 3)
         assert peak < 8 * 2**20, peak  # the scene's samples alone are 24 MB
         np.testing.assert_array_equal(window, scene.window(0, 0, w, h)[700:956, 300:556])
+    # a band the scene lacks is said at once, not as the pixel limit of a whole read
+    monkeypatch.setenv("EFPN_BANDS", "5")
+    with pytest.raises(DataError, match="big.tif: EFPN_BANDS asks for band 5 of 4"):
+        open_scene(path)
 
 
 def test_sliced_prediction_reads_a_windowed_scene_as_the_whole_image(tmp_path):

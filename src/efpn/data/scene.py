@@ -23,6 +23,7 @@ from .image import (
     _is_tiff,
     _open_tiff,
     _pick_bands,
+    _range,
     _tiff_nodata,
     _tiff_orientation,
     apply_stretch,
@@ -190,8 +191,6 @@ class TiffScene(Scene):
     def _stretch_range(self) -> tuple[float, float]:
         """The range :func:`efpn.data.image.stretch_to_uint8` would take from the whole
         image, from the same strided sample, read in bands of rows."""
-        from .image import _range
-
         if _range() is not None:
             return stretch_range(None)
         step = sample_step(self.height, self.width)
@@ -272,8 +271,15 @@ def open_scene(path: str | Path, upright: bool = True) -> Scene:
             page = tif.pages[0]
             turned = upright and _tiff_orientation(page) != 1
             if _windowable(page) and not turned:
-                return TiffScene(path, tif, page)
-        except Exception:  # a layout or codec this reader does not cover: read it whole
-            pass
+                # settings this scene cannot be read with: said now, not after a whole read
+                _range()
+                _pick_bands(path, np.zeros((1, 1, page.samplesperpixel), dtype=np.uint8))
+                try:
+                    return TiffScene(path, tif, page)
+                except Exception:  # a layout or codec this reader does not cover
+                    pass
+        except DataError:
+            tif.close()
+            raise
         tif.close()
     return ArrayScene(load_rgb(path, sliced=True, upright=upright))
