@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -302,8 +303,14 @@ def test_predict_and_val_sliced(trained_run, tmp_path, capsys):
     capsys.readouterr()
     vargs = ["val", "--weights", weights, "--json"]
     assert main([*vargs, "--slice", "64", "--overlap", "0.2"]) == 0
-    sliced = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    sliced = json.loads(captured.out)
     assert 0 <= sliced["AP"] <= 1 and sliced["seconds_per_image"] > 0
+    # without a terminal, a timestamped line per scene, on stderr (stdout stays JSON)
+    per_scene = [ln for ln in captured.err.splitlines() if "] eval (sliced) " in ln]
+    assert per_scene and re.fullmatch(
+        r"\[[-0-9: ]+\] eval \(sliced\) 1/\d+: \S+, \d+ detections in \d+ s", per_scene[0]
+    )
     assert main([*vargs, "--slice", "0"]) == 2  # a bad slice size is a one-line error
     capsys.readouterr()
     # tile settings without --slice would be ignored: refused instead, on both commands

@@ -792,7 +792,9 @@ def test_16bit_colour_pngs_read_as_stretched_rgb(tmp_path):
     # a file cut short is a one-line error naming it
     cut = tmp_path / "cut.png"
     cut.write_bytes(path.read_bytes()[:300])
-    with pytest.raises(DataError, match=r"cut.png: cannot decode image: its PNG data are dam") as err:
+    with pytest.raises(
+        DataError, match=r"cut.png: cannot decode image: its PNG data are dam"
+    ) as err:
         load_rgb(cut)
     assert "\n" not in str(err.value)
 

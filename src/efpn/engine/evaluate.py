@@ -106,12 +106,21 @@ def _predict_sliced(model, data, device, batch_size, quiet, slicing):
     records = data.images[dist_utils.rank() :: dist_utils.world_size()]
     results, seconds = [], 0.0
     show = not quiet and dist_utils.is_main() and sys.stderr.isatty()
-    for r in tqdm(records, desc="eval (sliced)", leave=False, disable=not show):
+    lines = not quiet and dist_utils.is_main() and not sys.stderr.isatty()
+    for k, r in enumerate(tqdm(records, desc="eval (sliced)", leave=False, disable=not show)):
         with open_scene(data.image_path(r), upright=r.upright) as scene:
             start = time.perf_counter()
             out = predict_sliced(model, scene, batch_size=batch_size, device=device, **slicing)
             seconds += time.perf_counter() - start
         results += to_coco_results([r.image_id], [out], data.category_ids)
+        if lines:  # no terminal for a bar: a timestamped line per scene, on stderr
+            print(
+                f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] eval (sliced) {k + 1}/{len(records)}: "
+                f"{r.file_name}, {len(out['boxes'])} detections in "
+                f"{time.perf_counter() - start:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
     gathered = dist_utils.gather_objects((results, seconds, len(records)))
     results = [x for part in gathered for x in part[0]]
     count = sum(p[2] for p in gathered)
