@@ -83,6 +83,30 @@ def test_windowed_scenes_read_as_load_rgb_reads_them(tmp_path, layout):
         assert whole.max() == 255
 
 
+def test_a_preview_is_collected_from_the_windows_sliced_prediction_reads(tmp_path):
+    from efpn.data.tiles import slice_windows
+
+    data, kw = LAYOUTS["striped_16bit"]()
+    path = tmp_path / "s.tif"
+    tifffile.imwrite(path, data, **kw)
+    whole = Image.fromarray(load_rgb(path, sliced=True))
+    for factor in (3, 7):
+        with open_scene(path) as scene:
+            scene.collect_preview(factor)
+            for win in slice_windows(301, 517, 100, 0.2):
+                scene.window(*win)
+            calls = []
+            scene._raw = lambda *args, calls=calls: calls.append(args)  # reads nothing more
+            got = scene.reduced(factor)
+            assert not calls
+            np.testing.assert_array_equal(got, np.asarray(whole.reduce(factor)))
+    # windows that leave blocks out: the reduce reads the scene itself
+    with open_scene(path) as scene:
+        scene.collect_preview(7)
+        scene.window(0, 0, 100, 100)
+        np.testing.assert_array_equal(scene.reduced(7), np.asarray(whole.reduce(7)))
+
+
 def test_other_images_are_read_whole(tmp_path):
     rgb = _deep(40, 60)[..., :3].astype(np.uint8)
     Image.fromarray(rgb).save(tmp_path / "a.png")

@@ -101,6 +101,7 @@ class TiffScene(Scene):
         self._memmap = None
         self._sampling = False
         self._band_bytes = 0
+        self._preview: _Preview | None = None
         if page.is_memmappable:
             import tifffile
 
@@ -215,14 +216,65 @@ class TiffScene(Scene):
         x1, y1 = min(self.width, int(x1)), min(self.height, int(y1))
         values = self._as_values(self._raw(x0, y0, x1, y1))
         if self._lo_hi is None:
-            return np.ascontiguousarray(values)
-        return apply_stretch(values, *self._lo_hi, nodata=self._nodata)
+            rgb = np.ascontiguousarray(values)
+        else:
+            rgb = apply_stretch(values, *self._lo_hi, nodata=self._nodata)
+        if self._preview is not None:
+            self._preview.add(rgb, x0, y0)
+        return rgb
+
+    def collect_preview(self, factor: int) -> None:
+        """Reduce every window read from now on by ``factor`` into a preview, so that
+        :meth:`reduced` with that factor needs no pass of its own once the windows have
+        covered the scene (sliced prediction reads every pixel anyway)."""
+        self._preview = _Preview(self.height, self.width, factor)
+
+    def reduced(self, factor):
+        preview = self._preview
+        if preview is not None and preview.factor == factor and preview.complete():
+            return preview.image
+        return reduce_scene(self, factor)
 
     def close(self):
         self._memmap = None
         if getattr(self, "_cache", None) is not None:
             self._cache.clear()
         self._tif.close()
+
+
+class _Preview:
+    """:func:`reduce_scene`'s result built from the windows as they are read: each
+    window gives the ``factor x factor`` blocks of the scene's grid that lie wholly inside
+    it (or are cut only by the scene's own right or bottom edge)."""
+
+    def __init__(self, height: int, width: int, factor: int):
+        from PIL import Image
+
+        self._pil = Image
+        self.factor, self.height, self.width = factor, height, width
+        h, w = -(-height // factor), -(-width // factor)
+        self.image = np.zeros((h, w, 3), dtype=np.uint8)
+        self.done = np.zeros((h, w), dtype=bool)
+
+    def _span(self, lo: int, hi: int, size: int) -> tuple[int, int]:
+        """The blocks (in preview pixels) wholly inside ``[lo, hi)`` of a side ``size``."""
+        f = self.factor
+        return -(-lo // f), (hi // f if hi < size else -(-size // f))
+
+    def add(self, rgb: np.ndarray, x0: int, y0: int) -> None:
+        f = self.factor
+        h, w = rgb.shape[:2]
+        c0, c1 = self._span(x0, x0 + w, self.width)
+        r0, r1 = self._span(y0, y0 + h, self.height)
+        if c1 <= c0 or r1 <= r0 or self.done[r0:r1, c0:c1].all():
+            return
+        block = rgb[r0 * f - y0 : r1 * f - y0, c0 * f - x0 : c1 * f - x0]
+        small = np.asarray(self._pil.fromarray(np.ascontiguousarray(block)).reduce(f))
+        self.image[r0:r1, c0:c1] = small
+        self.done[r0:r1, c0:c1] = True
+
+    def complete(self) -> bool:
+        return bool(self.done.all())
 
 
 def reduce_scene(scene: Scene, factor: int, band_rows: int = 256) -> np.ndarray:

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from ..data.dataset import load_rgb
 from ..data.formats import IMAGE_SUFFIXES, files_in, read_dataset
 from ..data.records import DataError
-from ..data.scene import ArrayScene, Scene, open_scene
+from ..data.scene import ArrayScene, Scene, TiffScene, open_scene
 from ..geo import box_feature, georeference, write_geojson
 from ..viz import draw_detections
 from .train import detector_from_file
@@ -66,6 +66,11 @@ class _ProgressLines:
             print(f"[{stamp}] {self.name}: {done}/{total} tiles", flush=True)
 
 
+def _drawing_factor(scene: Scene) -> int:
+    """By how much a windowed scene's drawing is reduced (1: drawn whole)."""
+    return -(-max(scene.height, scene.width) // MAX_DRAWING_SIDE)
+
+
 def _drawing_base(image, pred: dict, gt: dict | None):
     """The image to draw on, and the predictions and ground truth in its pixels: the
     image itself, or a windowed scene over :data:`MAX_DRAWING_SIDE` averaged down by
@@ -75,7 +80,7 @@ def _drawing_base(image, pred: dict, gt: dict | None):
     if isinstance(image, ArrayScene):
         return Image.fromarray(image.array), pred, gt
     h, w = image.height, image.width
-    factor = -(-max(h, w) // MAX_DRAWING_SIDE)
+    factor = _drawing_factor(image)
     if factor == 1:
         return Image.fromarray(image.window(0, 0, w, h)), pred, gt
     small = image.reduced(factor)
@@ -247,6 +252,8 @@ def predict(
             continue
         if slice_size:
             started = time.monotonic()
+            if draw and isinstance(arrays[0], TiffScene) and _drawing_factor(arrays[0]) > 1:
+                arrays[0].collect_preview(_drawing_factor(arrays[0]))  # no pass of its own
             try:
                 outputs = [
                     predict_sliced(
