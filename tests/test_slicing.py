@@ -1,6 +1,7 @@
 """Sliced inference: tiles, merging across tiles, memory on a huge image."""
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -206,7 +207,10 @@ def test_data_slice_clips_keeps_visible_boxes_and_marks_cut_ones_ignore(tmp_path
     np.testing.assert_allclose(right.boxes, [[10, 40, 30, 50]])  # whole, in tile pixels
     pixels = np.asarray(Image.open(tmp_path / "tiles" / "images" / "scene_80_0.png"))
     assert pixels[0, 0, 0] == 80 and pixels.shape == (100, 100, 3)  # the right crop
-    assert "became ignore regions" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "became ignore regions" in out
+    # without a terminal, a timestamped line per image (huge scenes take minutes each)
+    assert re.search(r"^\[[-0-9: ]+\] scene\.png: 2 tiles \(\d+ s\)$", out, re.M)
     assert main(args) == 2  # refuses to write into a non-empty --out
     assert main([*args, "--overwrite"]) == 0
 

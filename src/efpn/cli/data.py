@@ -281,9 +281,18 @@ def _cmd_data_split(args) -> int:
 
 
 def _cmd_data_slice(args) -> int:
+    import sys
+    import time
+
     from ..data.tiles import slice_dataset
 
     data = _read_source(args)
+    started = time.monotonic()
+
+    def said(file_name: str, tiles: int) -> None:  # no terminal: a timestamped line each
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        print(f"[{stamp}] {file_name}: {tiles} tiles ({time.monotonic() - started:.0f} s)")
+
     c = slice_dataset(
         data,
         args.out,
@@ -293,6 +302,7 @@ def _cmd_data_slice(args) -> int:
         empty_ratio=args.empty_ratio,
         seed=args.seed,
         overwrite=args.overwrite,
+        on_image=None if sys.stdout.isatty() else said,
     )
     print(
         f"{c['images']} image(s) -> {c['tiles']} tiles of {args.size} px ({c['boxes']} boxes; "

@@ -105,6 +105,7 @@ def slice_dataset(
     empty_ratio: float = 0.0,
     seed: int = 0,
     overwrite: bool = False,
+    on_image=None,
 ) -> dict:
     """Cut every image of ``data`` into tiles; write ``out/images/*.png`` and
     ``out/annotations.json`` (COCO, with ignore regions as crowd annotations).
@@ -113,6 +114,9 @@ def slice_dataset(
     ``min_visible`` of its area is inside the tile and becomes an ignore region
     otherwise. Tiles without objects are kept with probability ``empty_ratio``
     (drawn with ``seed``, so the same call gives the same tiles).
+
+    Huge TIFF scenes are read window by window (:func:`efpn.data.scene.open_scene`).
+    ``on_image(file_name, tiles_written)``, when given, is called after each image.
 
     Returns counts: ``images``, ``tiles``, ``kept_empty``, ``dropped_empty``,
     ``boxes``, ``cut_to_ignore``.
@@ -127,6 +131,7 @@ def slice_dataset(
     counts = dict(images=0, tiles=0, kept_empty=0, dropped_empty=0, boxes=0, cut_to_ignore=0)
     for r in data.images:
         path = data.image_path(r)
+        before = counts["tiles"]
         with open_scene(path, upright=r.upright) as scene:
             if (scene.width, scene.height) != (r.width, r.height):
                 raise ValueError(
@@ -155,6 +160,8 @@ def slice_dataset(
                 counts["tiles"] += 1
                 counts["boxes"] += len(rec.boxes)
                 counts["cut_to_ignore"] += cut
+        if on_image is not None:
+            on_image(r.file_name, counts["tiles"] - before)
     sliced = DetectionData(
         out, list(data.classes), tiles, source=str(out), category_ids=list(data.category_ids)
     )
