@@ -772,6 +772,21 @@ def _png16(path, arr, colour_type):
     return path
 
 
+def test_bands_are_picked_in_8bit_rgb_tiffs_with_extra_bands(tmp_path, monkeypatch):
+    import tifffile
+
+    # an RGB TIFF with a fourth band (near infrared, or alpha): Pillow reads the first
+    # three whatever EFPN_BANDS says
+    bands = np.stack([np.full((8, 10), v, np.uint8) for v in (10, 20, 30, 40)], axis=2)
+    for extra in ("unspecified", "unassalpha"):
+        path = tmp_path / f"rgbn_{extra}.tif"
+        tifffile.imwrite(path, bands, photometric="rgb", extrasamples=[extra])
+        monkeypatch.delenv("EFPN_BANDS", raising=False)
+        assert load_rgb(path)[0, 0].tolist() == [10, 20, 30]
+        monkeypatch.setenv("EFPN_BANDS", "4,3,2")
+        assert load_rgb(path)[0, 0].tolist() == [40, 30, 20]
+
+
 def test_16bit_colour_pngs_read_as_stretched_rgb(tmp_path):
     from efpn.data.image import stretch_to_uint8
 

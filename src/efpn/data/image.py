@@ -277,10 +277,14 @@ def _is_tiff(path) -> bool:
 def _tiff_needs_tifffile(im: Image.Image) -> bool:
     """A TIFF of more than 8 bits per sample: Pillow would cut colour samples to their
     high 8 bits (a 12-bit scene in 16 bits would read nearly black) and cannot see a
-    GeoTIFF's nodata value."""
-    bits = getattr(im, "tag_v2", {}).get(258, (8,))
+    GeoTIFF's nodata value. Or one of more than three bands with ``EFPN_BANDS`` set:
+    Pillow reads an RGB with extra bands as its first three, whatever the setting."""
+    tags = getattr(im, "tag_v2", {})
+    bits = tags.get(258, (8,))
     bits = bits if isinstance(bits, tuple) else (bits,)
-    return max(bits, default=8) > 8
+    if max(bits, default=8) > 8:
+        return True
+    return int(tags.get(277, 1) or 1) > 3 and _bands() is not None
 
 
 def _open_tiff(path):
