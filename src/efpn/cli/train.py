@@ -366,7 +366,7 @@ def _add_predict(sub) -> None:
     p.add_argument(
         "--no-draw",
         action="store_true",
-        help="write no drawings (results only; a huge scene's drawing costs a pass over it)",
+        help="write no drawings, only the results (saves writing a PNG per image)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars or summary line")
     add_override_args(p, "inference settings of the checkpoint's recipe, e.g. model.merge=fused")
