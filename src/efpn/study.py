@@ -51,6 +51,7 @@ from .config import (
     load_config,
     parse_override,
 )
+from .console import stamped
 from .data.records import DetectionData
 
 __all__ = [
@@ -515,7 +516,7 @@ def _cuda() -> bool:
 
 
 def _say(msg: str) -> None:
-    print(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}", flush=True)
+    print(stamped(msg), flush=True)
 
 
 def _read_json(path: Path) -> dict | None:

@@ -284,14 +284,14 @@ def _cmd_data_slice(args) -> int:
     import sys
     import time
 
+    from ..console import stamped
     from ..data.tiles import slice_dataset
 
     data = _read_source(args)
     started = time.monotonic()
 
     def said(file_name: str, tiles: int) -> None:  # no terminal: a timestamped line each
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        print(f"[{stamp}] {file_name}: {tiles} tiles ({time.monotonic() - started:.0f} s)")
+        print(stamped(f"{file_name}: {tiles} tiles ({time.monotonic() - started:.0f} s)"))
 
     c = slice_dataset(
         data,

@@ -120,7 +120,7 @@ def load_rgb(path: str | Path, sliced: bool = False, upright: bool = True) -> np
         try:
             with Image.open(path) as im:
                 check_size(path, *im.size, sliced=sliced)
-                channels = _png_deep_colour(path) if im.format == "PNG" else None
+                channels = _png_deep_colour(im) if im.format == "PNG" else None
                 if channels:
                     return _read_png16(path, im, channels, sliced=sliced, upright=upright)
                 if im.format != "TIFF":
@@ -221,18 +221,14 @@ def apply_stretch(arr: np.ndarray, lo: float, hi: float, nodata: float | None = 
 
 
 # ------------------------------------------------------------------ 16-bit colour PNGs
-_PNG_GRAY_ALPHA, _PNG_RGB, _PNG_RGBA = 4, 2, 6
-
-
-def _png_deep_colour(path) -> int | None:
+def _png_deep_colour(im: Image.Image) -> int | None:
     """The channel count of a 16-bit PNG with colour or alpha, which Pillow reads as its
-    high bytes (a 12-bit scene in 16-bit samples would read nearly black); ``None`` for
-    any other PNG (16-bit gray Pillow reads whole)."""
-    with open(path, "rb") as f:
-        head = f.read(26)
-    if len(head) < 26 or head[24] != 16:
-        return None
-    return {_PNG_GRAY_ALPHA: 2, _PNG_RGB: 3, _PNG_RGBA: 4}.get(head[25])
+    high bytes (a 12-bit scene in 16-bit samples would read nearly black): its decoder's
+    raw mode is ``RGB;16B``, ``RGBA;16B`` or ``LA;16B``. ``None`` for any other PNG
+    (16-bit gray Pillow reads whole)."""
+    tile = getattr(im, "tile", None)
+    rawmode = tile[0][3] if tile and len(tile[0]) > 3 else None
+    return {"LA;16B": 2, "RGB;16B": 3, "RGBA;16B": 4}.get(rawmode)
 
 
 def _read_png16(path, im: Image.Image, channels: int, sliced: bool, upright: bool) -> np.ndarray:

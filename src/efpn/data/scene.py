@@ -18,6 +18,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from .image import (
     _is_tiff,
@@ -248,9 +249,6 @@ class _Preview:
     it (or are cut only by the scene's own right or bottom edge)."""
 
     def __init__(self, height: int, width: int, factor: int):
-        from PIL import Image
-
-        self._pil = Image
         self.factor, self.height, self.width = factor, height, width
         h, w = -(-height // factor), -(-width // factor)
         self.image = np.zeros((h, w, 3), dtype=np.uint8)
@@ -269,7 +267,7 @@ class _Preview:
         if c1 <= c0 or r1 <= r0 or self.done[r0:r1, c0:c1].all():
             return
         block = rgb[r0 * f - y0 : r1 * f - y0, c0 * f - x0 : c1 * f - x0]
-        small = np.asarray(self._pil.fromarray(np.ascontiguousarray(block)).reduce(f))
+        small = np.asarray(Image.fromarray(np.ascontiguousarray(block)).reduce(f))
         self.image[r0:r1, c0:c1] = small
         self.done[r0:r1, c0:c1] = True
 
@@ -282,8 +280,6 @@ def reduce_scene(scene: Scene, factor: int, band_rows: int = 256) -> np.ndarray:
     :meth:`~PIL.Image.Image.reduce`; a partial block at the right or bottom edge averages
     what it covers), ``(ceil(H / factor), ceil(W / factor), 3)`` uint8, read in bands of
     whole blocks of about ``band_rows`` rows, so only one band is decoded at a time."""
-    from PIL import Image
-
     if factor < 1:
         raise ValueError(f"the factor must be 1 or more, got {factor}")
     H, W = scene.height, scene.width

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ..console import stamped
 from ..data import DetectionDataset, build_transforms, collate, to_coco_dict
 from ..data.records import DetectionData
 from ..metrics import (
@@ -115,9 +116,10 @@ def _predict_sliced(model, data, device, batch_size, quiet, slicing):
         results += to_coco_results([r.image_id], [out], data.category_ids)
         if lines:  # no terminal for a bar: a timestamped line per scene, on stderr
             print(
-                f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] eval (sliced) {k + 1}/{len(records)}: "
-                f"{r.file_name}, {len(out['boxes'])} detections in "
-                f"{time.perf_counter() - start:.0f} s",
+                stamped(
+                    f"eval (sliced) {k + 1}/{len(records)}: {r.file_name}, "
+                    f"{len(out['boxes'])} detections in {time.perf_counter() - start:.0f} s"
+                ),
                 file=sys.stderr,
                 flush=True,
             )

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from ..console import stamped
 from ..data.dataset import load_rgb
 from ..data.formats import IMAGE_SUFFIXES, files_in, read_dataset
 from ..data.records import DataError
@@ -62,8 +63,7 @@ class _ProgressLines:
         now = time.monotonic()
         if now - self.last >= self.every and done < total:
             self.last = now
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-            print(f"[{stamp}] {self.name}: {done}/{total} tiles", flush=True)
+            print(stamped(f"{self.name}: {done}/{total} tiles"), flush=True)
 
 
 def _drawing_factor(scene: Scene) -> int:
@@ -252,8 +252,10 @@ def predict(
             continue
         if slice_size:
             started = time.monotonic()
-            if draw and isinstance(arrays[0], TiffScene) and _drawing_factor(arrays[0]) > 1:
-                arrays[0].collect_preview(_drawing_factor(arrays[0]))  # no pass of its own
+            if draw and isinstance(arrays[0], TiffScene):
+                factor = _drawing_factor(arrays[0])
+                if factor > 1:  # the drawing is collected from the windows as they are read
+                    arrays[0].collect_preview(factor)
             try:
                 outputs = [
                     predict_sliced(
@@ -273,9 +275,11 @@ def predict(
                 if not quiet and not tty:
                     scene = arrays[0]
                     print(
-                        f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {chunk[0].name}: "
-                        f"{scene.shape[1]}x{scene.shape[0]} px, {len(outputs[0]['boxes'])} "
-                        f"detections in {time.monotonic() - started:.0f} s",
+                        stamped(
+                            f"{chunk[0].name}: {scene.shape[1]}x{scene.shape[0]} px, "
+                            f"{len(outputs[0]['boxes'])} detections in "
+                            f"{time.monotonic() - started:.0f} s"
+                        ),
                         flush=True,
                     )
             except DataError as e:  # a strip or tile of a windowed scene is damaged

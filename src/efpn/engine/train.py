@@ -9,7 +9,6 @@ import math
 import signal
 import sys
 import threading
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from ..config import Config, StageConfig
+from ..console import stamped
 from ..data import (
     AugmentConfig,
     BalancedCropDataset,
@@ -772,7 +772,7 @@ class Trainer:
     def _say(self, msg: str, echo: bool = True) -> None:
         """A progress line: timestamped when the output is not a terminal, and always
         appended, timestamped, to ``train.log`` in the run folder."""
-        line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}"
+        line = stamped(msg)
         if echo and self.tty:
             tqdm.write(msg)
         elif echo:
