@@ -785,6 +785,21 @@ def test_bands_are_picked_in_8bit_rgb_tiffs_with_extra_bands(tmp_path, monkeypat
         assert load_rgb(path)[0, 0].tolist() == [10, 20, 30]
         monkeypatch.setenv("EFPN_BANDS", "4,3,2")
         assert load_rgb(path)[0, 0].tolist() == [40, 30, 20]
+    # bands stored one plane each (GDAL's INTERLEAVE=BAND): Pillow reads the first alone,
+    # as gray
+    planar = tmp_path / "planar.tif"
+    tifffile.imwrite(
+        planar,
+        np.moveaxis(bands, -1, 0),
+        photometric="minisblack",
+        planarconfig="separate",
+        compression="zlib",
+    )
+    with Image.open(planar) as im:
+        assert im.mode == "L"
+    assert load_rgb(planar)[0, 0].tolist() == [40, 30, 20]
+    monkeypatch.delenv("EFPN_BANDS")
+    assert load_rgb(planar)[0, 0].tolist() == [10, 20, 30]
 
 
 def test_16bit_colour_pngs_read_as_stretched_rgb(tmp_path):

@@ -58,6 +58,31 @@ LAYOUTS = {
         _deep()[..., 0].astype(np.float32) - 2000,
         dict(rowsperstrip=16, compression="zlib", photometric="minisblack"),
     ),
+    # the compressions most GDAL output uses (decoded by imagecodecs)
+    "tiled_lzw_16bit": lambda: (
+        _deep(),
+        dict(
+            tile=(64, 64),
+            compression="lzw",
+            photometric="minisblack",
+            planarconfig="contig",
+            predictor=True,
+        ),
+    ),
+    "tiled_jpeg_ycbcr": lambda: (  # orthophotos: JPEG in YCbCr, chroma subsampled 2x2
+        _deep()[..., :3].astype(np.uint8),
+        dict(tile=(64, 64), compression="jpeg", photometric="rgb", subsampling=(2, 2)),
+    ),
+    "tiled_zstd_8bit_rgbn": lambda: (  # 8-bit RGB + near infrared: bands 1-3 as RGB
+        _deep().astype(np.uint8),
+        dict(tile=(32, 64), compression="zstd", photometric="rgb", extrasamples=["unspecified"]),
+    ),
+    "striped_8bit_planar_4band": lambda: (  # band-interleaved gray bands
+        np.moveaxis(_deep().astype(np.uint8), -1, 0),
+        dict(
+            rowsperstrip=32, compression="zlib", photometric="minisblack", planarconfig="separate"
+        ),
+    ),
 }
 
 
@@ -122,6 +147,12 @@ def test_other_images_are_read_whole(tmp_path):
     with open_scene(turned, upright=False) as scene:
         assert isinstance(scene, TiffScene) and scene.shape == (40, 60, 3)
         np.testing.assert_array_equal(scene.window(0, 0, 60, 40), rgb)
+    # associated (premultiplied) alpha: Pillow's colours, un-premultiplied
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 128, np.uint8)])
+    tifffile.imwrite(tmp_path / "rgba.tif", rgba, photometric="rgb", extrasamples=["assocalpha"])
+    with open_scene(tmp_path / "rgba.tif") as scene:
+        assert isinstance(scene, ArrayScene)
+        np.testing.assert_array_equal(scene.window(0, 0, 60, 40), load_rgb(tmp_path / "rgba.tif"))
     # a palette image: Pillow's colours, not tifffile's indices
     palette = Image.fromarray(rgb).convert("P")
     palette.save(tmp_path / "palette.tif")

@@ -135,7 +135,7 @@ def load_rgb(path: str | Path, sliced: bool = False, upright: bool = True) -> np
                         pass
                 elif im.mode in _DEEP_MODES:
                     # one deep band: tifffile for the nodata value, else Pillow's own
-                    # decoders (LZW, which tifffile needs imagecodecs for)
+                    # decoders (a codec the installed imagecodecs lacks)
                     try:
                         return read_tiff_rgb(path, sliced=sliced, upright=upright)
                     except DataError:
@@ -274,13 +274,18 @@ def _tiff_needs_tifffile(im: Image.Image) -> bool:
     """A TIFF of more than 8 bits per sample: Pillow would cut colour samples to their
     high 8 bits (a 12-bit scene in 16 bits would read nearly black) and cannot see a
     GeoTIFF's nodata value. Or one of more than three bands with ``EFPN_BANDS`` set:
-    Pillow reads an RGB with extra bands as its first three, whatever the setting."""
+    Pillow reads an RGB with extra bands as its first three, whatever the setting. Or
+    one whose bands Pillow reads too few of: a band-interleaved (planar) scene of several
+    gray bands reads as its first band alone."""
     tags = getattr(im, "tag_v2", {})
     bits = tags.get(258, (8,))
     bits = bits if isinstance(bits, tuple) else (bits,)
     if max(bits, default=8) > 8:
         return True
-    return int(tags.get(277, 1) or 1) > 3 and _bands() is not None
+    bands = int(tags.get(277, 1) or 1)
+    if bands > 1 and tags.get(284, 1) == 2 and len(im.getbands()) < min(bands, 3):
+        return True
+    return bands > 3 and _bands() is not None
 
 
 def _open_tiff(path):
@@ -448,9 +453,14 @@ def _orient(arr: np.ndarray, orientation: int) -> np.ndarray:
     }[orientation](arr)
 
 
+def codec_hint(error: Exception) -> str:
+    """What to do when tifffile finds no codec for a TIFF's compression."""
+    return " (pip install -U imagecodecs)" if "imagecodecs" in str(error) else ""
+
+
 def read_tiff_rgb(path: str | Path, sliced: bool = False, upright: bool = True) -> np.ndarray:
     """Read a TIFF's first image with tifffile as :func:`load_rgb` does (bands, stretch,
-    orientation). Compressions beyond Deflate and LZMA (LZW, JPEG) need imagecodecs."""
+    orientation), decoding its compression with imagecodecs."""
     with _open_tiff(path) as tif:
         page = tif.pages[0]
         w, h = _tiff_width_height(path, page)
@@ -459,8 +469,7 @@ def read_tiff_rgb(path: str | Path, sliced: bool = False, upright: bool = True) 
         try:
             arr = page.asarray()
         except Exception as e:  # missing codec, truncated strips
-            hint = " (pip install imagecodecs, or efpn[geo])" if "imagecodecs" in str(e) else ""
-            raise DataError(f"{path}: cannot decode image: {e}{hint}") from None
+            raise DataError(f"{path}: cannot decode image: {e}{codec_hint(e)}") from None
         if page.axes.startswith("S"):
             arr = np.moveaxis(arr, 0, -1)
         elif arr.ndim == 2:

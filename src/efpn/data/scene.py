@@ -28,6 +28,7 @@ from .image import (
     _tiff_nodata,
     _tiff_orientation,
     apply_stretch,
+    codec_hint,
     load_rgb,
     sample_step,
     stretch_range,
@@ -36,7 +37,9 @@ from .records import DataError
 
 __all__ = ["ArrayScene", "Scene", "TiffScene", "open_scene", "reduce_scene"]
 
-_MINISBLACK, _RGB = 1, 2
+_MINISBLACK, _RGB, _YCBCR = 1, 2, 6
+_OLD_JPEG, _JPEG = 6, 7
+_ASSOCIATED_ALPHA = 1
 #: a strip or tile decoded to more than this is not read window by window (a scene stored
 #: as one strip would be decoded whole for every window)
 MAX_SEGMENT_BYTES = 256 * 2**20
@@ -147,8 +150,7 @@ class TiffScene(Scene):
         try:
             segment, _, shape = self._decode(data, index, jpegtables=page.jpegtables)
         except Exception as e:  # missing codec, corrupt data
-            hint = " (pip install imagecodecs, or efpn[geo])" if "imagecodecs" in str(e) else ""
-            raise DataError(f"{self.path}: cannot decode image: {e}{hint}") from None
+            raise DataError(f"{self.path}: cannot decode image: {e}{codec_hint(e)}") from None
         if segment is None:  # an empty strip or tile: zeros, as tifffile fills it
             segment = np.zeros(shape, dtype=self._dtype)
         segment = segment.reshape(segment.shape[-3:])
@@ -294,17 +296,23 @@ def reduce_scene(scene: Scene, factor: int, band_rows: int = 256) -> np.ndarray:
 
 def _windowable(page) -> bool:
     """Whether ``load_rgb`` reads this TIFF page as a window of the scene reads it: a
-    plain image of one or more bands in 8 bits or more (8-bit only as gray or RGB, the
-    layouts Pillow and tifffile read alike), not a palette, YCbCr or bilevel image."""
-    if page.axes not in ("YX", "YXS", "SYX") or page.photometric not in (_MINISBLACK, _RGB):
+    plain image of one or more bands in 8 bits or more, gray, RGB, or YCbCr in JPEG
+    (decoded to RGB), not a palette or bilevel image, nor an RGB with associated
+    (premultiplied) alpha, whose colours Pillow un-premultiplies."""
+    if page.axes not in ("YX", "YXS", "SYX"):
         return False
-    if page.subsampling not in (None, (1, 1)) or page.compression in (6, 7):  # JPEG
+    if page.compression == _OLD_JPEG:
+        return False
+    if page.photometric == _YCBCR:
+        if page.compression != _JPEG:  # uncompressed subsampled YCbCr
+            return False
+    elif page.photometric not in (_MINISBLACK, _RGB):
         return False
     bits = page.bitspersample
     bits = max(bits) if isinstance(bits, tuple) else bits
     if bits < 8:
         return False
-    return bits > 8 or page.samplesperpixel in (1, 3)
+    return bits > 8 or _ASSOCIATED_ALPHA not in tuple(page.extrasamples or ())
 
 
 def open_scene(path: str | Path, upright: bool = True) -> Scene:
