@@ -124,6 +124,13 @@ def test_predict_save_geojson(trained_run, tmp_path, capsys):
     per_scene = {p.name: json.loads(p.read_text()) for p in (out2 / "geojson").glob("*.geojson")}
     assert set(per_scene) == {"a.geojson", "b.geojson"}
     assert per_scene["b.geojson"]["crs"]["properties"]["name"].endswith("EPSG::32632")
+    # a world file without a side file naming the CRS: said, as the GeoJSON cannot say it
+    (scenes / "b.tif").unlink()
+    Image.new("RGB", (96, 64), (90, 90, 90)).save(scenes / "w.png")
+    (scenes / "w.pgw").write_text("0.5\n0\n0\n-0.5\n100.25\n200.75\n")
+    assert main([*args, "--out", str(tmp_path / "out3"), "--save-geojson", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "--save-geojson: 1 scene(s) name no CRS" in err and "w.png.aux.xml" in err
 
 
 def _square(x1, y1, x2, y2):
@@ -212,7 +219,7 @@ def test_gis_polygons_over_a_geotiff_read_as_pixel_boxes(tmp_path, caplog, capsy
     for tile in tiles:
         x0, y0 = (int(v) for v in tile.stem.split("_")[-2:])
         ref = georeference(tile)
-        assert tile.with_suffix(".pgw").is_file()
+        assert tile.with_suffix(".pgw").is_file() and ref.epsg == UTM33N
         for u, v in [(0, 0), (47.5, 3.25), (48, 48)]:
             assert ref.to_map(u, v) == pytest.approx(scene.to_map(x0 + u, y0 + v), abs=1e-6)
 
@@ -222,7 +229,7 @@ def test_gis_polygons_over_a_geotiff_read_as_pixel_boxes(tmp_path, caplog, capsy
     [
         (
             "wgs84",
-            r"features in EPSG:4326 \(a GeoJSON without a crs member is WGS 84\), its scene area.tif in EPSG:32633; reproject them: ogr2ogr -t_srs EPSG:32633",
+            r"features in EPSG:4326 \(a GeoJSON without a crs member is WGS 84\), its scene area.tif in EPSG:32633; pip install pyproj \(or efpn\[geo\]\) to have them reprojected as they are read, or reproject them: ogr2ogr -t_srs EPSG:32633",
         ),
         ("no_class", r"feature 0: no class property \(one of class, category, .*; it has id\)"),
         ("outside", r"none of its 1 features falls inside its scene area.tif \(96x64 px\)"),
@@ -231,8 +238,12 @@ def test_gis_polygons_over_a_geotiff_read_as_pixel_boxes(tmp_path, caplog, capsy
         ("bad_geometry", r"feature 0: unknown geometry type 'Circle'"),
     ],
 )
-def test_gis_labels_that_cannot_be_placed_are_one_line_errors(tmp_path, case, says):
+def test_gis_labels_that_cannot_be_placed_are_one_line_errors(tmp_path, monkeypatch, case, says):
+    import sys
+
     from efpn.data import read_dataset
+
+    monkeypatch.setitem(sys.modules, "pyproj", None)  # reprojection needs pyproj
 
     feature = _feature({"class": "car"}, "Polygon", _square(10, 8, 20, 14))
     crs = "urn:ogc:def:crs:EPSG::32633"
@@ -278,3 +289,62 @@ def test_georeference_follows_the_image_turned_upright(tmp_path, orientation):
             row, col = upright[v, u, 0] // 10, upright[v, u, 1] // 10  # where it is stored
             expected = ref_stored.to_map(float(col) + 0.5, float(row) + 0.5)
             assert ref.to_map(u + 0.5, v + 0.5) == pytest.approx(expected, abs=1e-6, rel=0)
+
+
+def test_gis_labels_in_another_crs_are_reprojected_to_their_scene(tmp_path, caplog):
+    import logging
+
+    from pyproj import Transformer
+
+    from efpn.data import read_dataset
+
+    boxes = [(10, 8, 20, 14), (40, 30, 70, 44)]
+    utm = [_feature({"class": "car"}, "Polygon", _square(*b)) for b in boxes]
+    to_wgs84 = Transformer.from_crs(UTM33N, 4326, always_xy=True)
+    wgs84 = [
+        _feature(
+            {"class": "car"},
+            "Polygon",
+            [[list(to_wgs84.transform(x, y)) for x, y in f["geometry"]["coordinates"][0]]],
+        )
+        for f in utm
+    ]
+    # easting 500000 is UTM zone 33's central meridian, 15 degrees east
+    assert wgs84[0]["geometry"]["coordinates"][0][0][0] == pytest.approx(15.0, abs=1e-4)
+    expected = read_dataset(_gis_dataset(tmp_path / "utm", utm)).images[0].boxes
+    np.testing.assert_allclose(expected, boxes)
+    with caplog.at_level(logging.WARNING, logger="efpn.data"):
+        got = read_dataset(_gis_dataset(tmp_path / "wgs84", wgs84, crs=None)).images[0].boxes
+    np.testing.assert_allclose(got, boxes, atol=1e-3)  # a thousandth of a pixel
+    assert "reprojected 1 label file(s) from EPSG:4326 to their scenes' EPSG:32633" in caplog.text
+    # coordinates that do not map (a latitude beyond the pole): one line
+    bad = _feature({"class": "car"}, "Polygon", [[[15, 91], [15.1, 91], [15.1, 92], [15, 91]]])
+    with pytest.raises(DataError, match=r"area.geojson: feature 0: its coordinates do not map"):
+        read_dataset(_gis_dataset(tmp_path / "bad", [bad], crs=None))
+
+
+def test_world_file_tiles_name_their_crs_in_a_gdal_side_file(tmp_path):
+    from efpn.geo import write_world_file
+
+    tile = tmp_path / "tile.png"
+    Image.new("RGB", (8, 8)).save(tile)
+    ref = GeoReference(0.5, 0.0, 500000.0, 0.0, -0.5, 4000000.0, UTM33N)
+    write_world_file(tile, ref)
+    # GDAL reads <SRS>EPSG:n</SRS> (checked with GDAL 3.10 through rasterio: crs EPSG:32633)
+    assert (tmp_path / "tile.png.aux.xml").read_text() == (
+        "<PAMDataset>\n  <SRS>EPSG:32633</SRS>\n</PAMDataset>\n"
+    )
+    assert georeference(tile) == ref
+    # a side file as GDAL writes it: WKT, whose outermost AUTHORITY names the CRS
+    wkt = (
+        'PROJCS["WGS 84 / UTM zone 33N",GEOGCS["WGS 84",DATUM["WGS_1984",SPHEROID['
+        '"WGS 84",6378137,298.257223563,AUTHORITY["EPSG","7030"]],AUTHORITY["EPSG","6326"]]'
+        ',AUTHORITY["EPSG","4326"]],PROJECTION["Transverse_Mercator"],AUTHORITY["EPSG","32633"]]'
+    )
+    (tmp_path / "tile.png.aux.xml").write_text(
+        f'<PAMDataset>\n  <SRS dataAxisToSRSAxisMapping="1,2">{wkt}</SRS>\n</PAMDataset>\n'
+    )
+    assert georeference(tile).epsg == UTM33N
+    # without a side file, a world file names no CRS
+    (tmp_path / "tile.png.aux.xml").unlink()
+    assert georeference(tile).epsg is None

@@ -215,6 +215,26 @@ def test_sliced_prediction_reads_a_windowed_scene_as_the_whole_image(tmp_path):
     assert [20.0, 20.0, 180.0, 180.0] in both["boxes"].tolist()
 
 
+def test_a_damaged_tile_is_named_without_a_whole_read(tmp_path, monkeypatch):
+    data, kw = LAYOUTS["tiled_lzw_16bit"]()
+    path = tmp_path / "garbled.tif"
+    tifffile.imwrite(path, data, **kw)
+    with tifffile.TiffFile(path) as tif:
+        offset, count = tif.pages[0].dataoffsets[13], tif.pages[0].databytecounts[13]
+    raw = bytearray(path.read_bytes())
+    raw[offset + count // 3 : offset + count // 3 + 64] = bytes(64)
+    path.write_bytes(bytes(raw))
+
+    def whole_read(*args, **kwargs):
+        raise AssertionError("a damaged windowed scene was read whole")
+
+    monkeypatch.setattr(scene_module, "load_rgb", whole_read)
+    # the 14th of 5 x 9 tiles: the stretch's sample pass meets it first
+    pattern = r"garbled.tif: cannot decode image: tile 14 of 45 \(rows 64-127, columns 256-319\)"
+    with pytest.raises(DataError, match=pattern):
+        open_scene(path)
+
+
 def test_predict_reads_tiffs_by_window_draws_huge_ones_shrunk_and_skips_damaged_ones(
     trained_run, tmp_path, monkeypatch, capsys
 ):

@@ -4,8 +4,10 @@ GDAL on top of the scene."""
 
 from __future__ import annotations
 
+import html
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from .data.records import DataError
 __all__ = [
     "GeoReference",
     "box_feature",
+    "crs_transformer",
     "geojson_epsg",
     "georeference",
     "write_geojson",
@@ -86,7 +89,8 @@ def georeference(path: str | Path) -> GeoReference | None:
     """The scene's georeference, or ``None`` when it has none: GeoTIFF tags (a model
     transformation, or a tie point with a pixel scale; "pixel is point" rasters are
     shifted by half a pixel, as GDAL does), else a world file next to the image
-    (``scene.tfw``, ``.pgw``, ``.jgw`` or ``scene.wld``). Both describe the stored
+    (``scene.tfw``, ``.pgw``, ``.jgw`` or ``scene.wld``; its CRS from GDAL's side file
+    ``scene.png.aux.xml`` when there is one). Both describe the stored
     pixels; the map returned is for the image as efpn reads it, turned upright."""
     path = Path(path)
     found = _geotiff(path) if path.suffix.lower() in (".tif", ".tiff") else None
@@ -171,23 +175,50 @@ def _world_file(path: Path) -> GeoReference | None:
         except ValueError:
             raise DataError(f"{world}: a world file holds six numbers, one per line") from None
         # (c, f) is the centre of the top left pixel
-        ref = _shift_half_pixel(GeoReference(a, b, c, d, e, f))
+        ref = _shift_half_pixel(GeoReference(a, b, c, d, e, f, _aux_epsg(path)))
         if not _finite(ref):
             raise DataError(f"{world}: its six numbers do not map pixels to a map")
         return ref
     return None
 
 
+def _aux_path(image: Path) -> Path:
+    return image.with_name(image.name + ".aux.xml")
+
+
+def _aux_epsg(image: Path) -> int | None:
+    """The EPSG code that GDAL's side file ``image.aux.xml`` gives the image's CRS: its
+    ``<SRS>`` as ``EPSG:n`` (as efpn writes it) or WKT (as GDAL writes it, the code of
+    the outermost ``AUTHORITY``/``ID``); ``None`` without one."""
+    aux = _aux_path(image)
+    if not aux.is_file():
+        return None
+    with open(aux, "rb") as fh:
+        text = fh.read(1 << 20).decode("utf-8", errors="replace")
+    srs = re.search(r"<SRS[^>]*>(.*?)</SRS>", text, flags=re.S)
+    if srs is None:
+        return None
+    value = html.unescape(srs.group(1)).strip()
+    if re.fullmatch(r"EPSG:\d+", value, flags=re.I):
+        return int(value.split(":")[1])
+    codes = re.findall(r'(?:AUTHORITY|ID)\[\s*"EPSG"\s*,\s*"?(\d+)"?\s*\]', value, flags=re.I)
+    return int(codes[-1]) if codes else None
+
+
 def write_world_file(image: str | Path, ref: GeoReference) -> Path:
     """The world file that places ``image`` (``tile.png`` gets ``tile.pgw``) on the map
     as ``ref`` says: six lines, the last two the centre of the top left pixel, as GDAL
-    and QGIS read it. A world file names no CRS; the scene's is ``ref.epsg``."""
+    and QGIS read it. A world file names no CRS: with ``ref.epsg`` known, a GDAL side
+    file ``tile.png.aux.xml`` names it (``<SRS>EPSG:n</SRS>``, which GDAL, and so QGIS,
+    reads)."""
     image = Path(image)
     suffix = _WORLD_SUFFIXES.get(image.suffix.lower(), ".wld")
     c, f = ref.to_map(0.5, 0.5)
     lines = [ref.a, ref.d, ref.b, ref.e, c, f]
     world = image.with_suffix(suffix)
     world.write_text("".join(f"{v!r}\n" for v in lines))
+    if ref.epsg is not None:
+        _aux_path(image).write_text(f"<PAMDataset>\n  <SRS>EPSG:{ref.epsg}</SRS>\n</PAMDataset>\n")
     return world
 
 
@@ -205,6 +236,30 @@ def geojson_epsg(collection: dict) -> int:
     if "EPSG" not in name.upper() or not code.isdigit():
         raise ValueError(f"its crs {name or crs!r} is not an EPSG code")
     return int(code)
+
+
+def crs_transformer(source_epsg: int, target_epsg: int):
+    """A function mapping ``(N, 2)`` coordinates (x/easting or longitude first) from
+    EPSG:``source_epsg`` to EPSG:``target_epsg`` with pyproj, or ``None`` when pyproj is
+    not installed (``pip install efpn[geo]``). Raises :class:`ValueError` for a code
+    pyproj does not know."""
+    try:
+        from pyproj import Transformer
+        from pyproj.exceptions import CRSError
+    except ImportError:
+        return None
+    try:
+        transformer = Transformer.from_crs(source_epsg, target_epsg, always_xy=True)
+    except CRSError as e:
+        raise ValueError(f"cannot map EPSG:{source_epsg} to EPSG:{target_epsg}: {e}") from None
+
+    def transform(xy):
+        import numpy as np
+
+        xs, ys = transformer.transform(xy[:, 0], xy[:, 1])
+        return np.stack([np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)], axis=1)
+
+    return transform
 
 
 def write_geojson(path: str | Path, features: list[dict], epsg: int | None) -> Path:

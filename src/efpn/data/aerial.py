@@ -249,14 +249,16 @@ def read_geojson(
     makes it an ignore region. Points (no extent) and empty geometries are skipped and
     counted. ``classes`` defaults to ``classes.txt`` in ``root``, else the sorted names
     found. Labels in another CRS than their scene's (a GeoJSON without a ``crs`` member
-    is WGS 84), or whose features all fall outside it, are refused with one line.
+    is WGS 84) are reprojected to it with pyproj, or refused with one line without
+    pyproj; labels whose features all fall outside their scene are refused.
     """
-    from ..geo import geojson_epsg, georeference
+    from ..geo import crs_transformer, geojson_epsg, georeference
 
     root = Path(root)
     base = _split_root(root, split, "geojson")
     images = _images_by_stem(base / "images") if (base / "images").is_dir() else {}
     scenes, names, points = [], set(), 0
+    reprojected: dict[tuple[int, int], int] = {}
     pairs, orphans = _label_files(base / "geojson", "*.geojson", images)
     for label_path, image, w, h in pairs:
         ref = georeference(image)
@@ -272,13 +274,21 @@ def read_geojson(
             epsg = geojson_epsg(doc)
         except ValueError as e:
             raise DataError(f"{label_path}: {e}") from None
+        transform = None
         if ref.epsg is not None and epsg != ref.epsg:
-            implicit = "" if "crs" in doc else " (a GeoJSON without a crs member is WGS 84)"
-            raise DataError(
-                f"{label_path}: features in EPSG:{epsg}{implicit}, its scene {image.name} in "
-                f"EPSG:{ref.epsg}; reproject them: ogr2ogr -t_srs EPSG:{ref.epsg} "
-                f"{label_path.stem}_{ref.epsg}.geojson {label_path.name}"
-            )
+            try:
+                transform = crs_transformer(epsg, ref.epsg)
+            except ValueError as e:
+                raise DataError(f"{label_path}: {e}") from None
+            if transform is None:
+                implicit = "" if "crs" in doc else " (a GeoJSON without a crs member is WGS 84)"
+                raise DataError(
+                    f"{label_path}: features in EPSG:{epsg}{implicit}, its scene {image.name} "
+                    f"in EPSG:{ref.epsg}; pip install pyproj (or efpn[geo]) to have them "
+                    f"reprojected as they are read, or reproject them: ogr2ogr -t_srs "
+                    f"EPSG:{ref.epsg} {label_path.stem}_{ref.epsg}.geojson {label_path.name}"
+                )
+            reprojected[(epsg, ref.epsg)] = reprojected.get((epsg, ref.epsg), 0) + 1
         objects = []
         for k, feature in enumerate(doc["features"]):
             where = f"{label_path}: feature {k}"
@@ -297,6 +307,13 @@ def read_geojson(
             if xy is None:
                 points += 1
                 continue
+            if transform is not None:
+                xy = transform(xy)
+                if not np.isfinite(xy).all():
+                    raise DataError(
+                        f"{where}: its coordinates do not map from EPSG:{epsg} to the scene's "
+                        f"EPSG:{ref.epsg}"
+                    )
             px, py = ref.to_pixel(xy[:, 0], xy[:, 1])
             box = [float(px.min()), float(py.min()), float(px.max()), float(py.max())]
             hard = str(props.get("difficult", props.get("ignore", 0))).lower()
@@ -328,11 +345,15 @@ def read_geojson(
         rel = image.relative_to(root).as_posix()
         records.append(_record(rel, w, h, boxes, labels, ignore, ignore_labels, len(records) + 1))
     _report(base, orphans, len(set(images) - {p.stem for p, *_ in scenes}), "geojson")
-    if points:
-        import logging
+    import logging
 
-        logging.getLogger("efpn.data").warning(
-            f"{base}: skipped {points} point or empty feature(s): a box needs a polygon"
+    log = logging.getLogger("efpn.data")
+    if points:
+        log.warning(f"{base}: skipped {points} point or empty feature(s): a box needs a polygon")
+    for (source, target), count in sorted(reprojected.items()):
+        log.warning(
+            f"{base}: reprojected {count} label file(s) from EPSG:{source} to their scenes' "
+            f"EPSG:{target} (pyproj)"
         )
     return _finish(DetectionData(root, classes, records, str(base)))
 

@@ -28,7 +28,6 @@ from .image import (
     _tiff_nodata,
     _tiff_orientation,
     apply_stretch,
-    codec_hint,
     load_rgb,
     sample_step,
     stretch_range,
@@ -49,6 +48,10 @@ MAX_SEGMENT_BYTES = 256 * 2**20
 CACHE_BYTES = 256 * 2**20
 #: rows read at once for the stretch's sample of a deep scene
 SAMPLE_BAND_BYTES = 64 * 2**20
+
+
+class _MissingCodec(ValueError):
+    """The installed imagecodecs cannot decode this TIFF's compression."""
 
 
 class Scene:
@@ -150,7 +153,11 @@ class TiffScene(Scene):
         try:
             segment, _, shape = self._decode(data, index, jpegtables=page.jpegtables)
         except Exception as e:  # missing codec, corrupt data
-            raise DataError(f"{self.path}: cannot decode image: {e}{codec_hint(e)}") from None
+            if "imagecodecs" in str(e):  # Pillow may still read it whole
+                raise _MissingCodec(str(e)) from None
+            raise DataError(
+                f"{self.path}: cannot decode image: {self._segment_name(index)}: {e}"
+            ) from None
         if segment is None:  # an empty strip or tile: zeros, as tifffile fills it
             segment = np.zeros(shape, dtype=self._dtype)
         segment = segment.reshape(segment.shape[-3:])
@@ -162,6 +169,18 @@ class TiffScene(Scene):
             _, old = self._cache.popitem(last=False)
             self._cached -= old.nbytes
         return segment
+
+    def _segment_name(self, index: int) -> str:
+        """Where strip or tile ``index`` lies, for an error message."""
+        kind = "tile" if self._page.is_tiled else "strip"
+        plane, cell = divmod(index, self._across * self._down)
+        ty, tx = divmod(cell, self._across)
+        rows = f"rows {ty * self._seg_h}-{min((ty + 1) * self._seg_h, self.height) - 1}"
+        cols = f", columns {tx * self._seg_w}-{min((tx + 1) * self._seg_w, self.width) - 1}"
+        where = rows + (cols if self._page.is_tiled else "")
+        return f"{kind} {index + 1} of {len(self._page.dataoffsets)} ({where}" + (
+            f", plane {plane + 1})" if self._planes > 1 else ")"
+        )
 
     def _raw(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
         """The stored samples of a window, ``(h, w, bands)`` in the file's type."""
@@ -332,6 +351,8 @@ def open_scene(path: str | Path, upright: bool = True) -> Scene:
                 _pick_bands(path, np.zeros((1, 1, page.samplesperpixel), dtype=np.uint8))
                 try:
                     return TiffScene(path, tif, page)
+                except DataError:  # damaged: a whole read would fail too, or be refused
+                    raise
                 except Exception:  # a layout or codec this reader does not cover
                     pass
         except DataError:

@@ -140,6 +140,16 @@ def _write_scenes(out: Path, scenes, missing: list[Path], drawings: dict, quiet:
         )
     if not scenes:
         return
+    unnamed = [p for p, epsg, _ in scenes if epsg is None]
+    if unnamed:
+        print(
+            f"--save-geojson: {len(unnamed)} scene(s) name no CRS (a world file without a "
+            f"GDAL side file {Path(unnamed[0]).name}.aux.xml, or a GeoTIFF of a user-defined "
+            f"CRS; first: {unnamed[0]}): their polygons are in the scene's map units with no "
+            "crs member, which GIS tools take for WGS 84; set the layer's CRS when you open it",
+            file=sys.stderr,
+            flush=True,
+        )
     crs = {epsg for _, epsg, _ in scenes}
     if len(crs) == 1:
         written = write_geojson(
