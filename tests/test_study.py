@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from efpn.study import (
+    PRESETS,
     epochs_after_stage1,
     fold_data,
     paired_stats,
@@ -66,6 +67,19 @@ def test_parse_arms_presets_groups_and_overrides(tiny_cfg):
         parse_arms([["fpn_1x", "distill.lam=0"]], cfg)
     with pytest.raises(ValueError, match="key=value"):
         parse_arms([["x", "distill.lam"]], cfg)
+
+
+def test_arms_share_a_checkpoint_only_when_they_train_alike(tiny_cfg):
+    from efpn.study import training_key
+
+    key = {
+        name: training_key(tiny_cfg(**PRESETS[name]))
+        for name in ("efpn", "fused", "joint", "joint_fused")
+    }
+    assert key["fused"] == key["efpn"]  # the merge is inference only...
+    # ...except in joint training, where it decides whether the original head learns
+    # small RoIs
+    assert len({key["efpn"], key["joint"], key["joint_fused"]}) == 3
 
 
 def _data(root, names, classes=("a", "b")):

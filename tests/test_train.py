@@ -67,6 +67,45 @@ def test_stage2_leaves_frozen_parts_unchanged(tmp_path, tiny_cfg):
     assert changed_new
 
 
+@pytest.mark.parametrize("train_all", [False, True])
+def test_stage3_trains_the_p2_head_or_with_train_all_every_layer(
+    tmp_path, tiny_cfg, monkeypatch, train_all
+):
+    from efpn.models.heads import EFPNRoIHeads, small_roi_mask
+
+    cfg = tiny_cfg(**{"stage3.train_all": train_all, "model.merge": "fused"})
+    trainer = Trainer(cfg, tmp_path / "run", quiet=True)
+    trainer.run_stage(1)
+    trainer.run_stage(2)
+    seen_small = []
+    original_predict = EFPNRoIHeads.original_predict
+
+    def recording(self, features, boxes, image_shapes):
+        if self.training:
+            seen_small.append(any(small_roi_mask(b, self.small_roi_size).any() for b in boxes))
+        return original_predict(self, features, boxes, image_shapes)
+
+    monkeypatch.setattr(EFPNRoIHeads, "original_predict", recording)
+    trainer.run_stage(3)
+    before = load_checkpoint(tmp_path / "run" / "stage2" / "best.pt")["model"]
+    after = load_checkpoint(tmp_path / "run" / "stage3" / "last.pt")["model"]
+    moved = {k for k, v in after.items() if v.is_floating_point() and not torch.equal(before[k], v)}
+    others = ("backbone.body.", "backbone.fpn.", "rpn.", "roi_heads.box_predictor.")
+    assert any(k.startswith("roi_heads.small_box_predictor.") for k in moved)
+    assert any(k.startswith(others) for k in moved) == train_all
+    if train_all:
+        for prefix in others:  # every part of the detector learns
+            assert any(k.startswith(prefix) for k in moved), prefix
+    # with train_all and the fused merge, the original head also learns small RoIs, which
+    # it scores at inference; otherwise it never sees them in training
+    assert seen_small and any(seen_small) == train_all
+
+
+def test_train_all_is_refused_before_stage_3(tiny_cfg):
+    with pytest.raises(ValueError, match=r"stage2.train_all applies to stage 3 only"):
+        tiny_cfg(**{"stage2.train_all": True})
+
+
 def test_ohem_keeps_hardest_by_rule():
     labels = torch.tensor([1, 2, 0, 0, 0, 1, -1, 0])
     cls = torch.tensor([0.1, 0.5, 0.9, 0.2, 0.7, 0.3, 5.0, 0.05])

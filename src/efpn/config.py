@@ -130,6 +130,7 @@ class StageConfig:
     ohem: bool = True
     ohem_batch_size_per_image: int = 128
     unfreeze_extension: bool = False
+    train_all: bool = False
     init: str | None = None
 
 
@@ -295,6 +296,12 @@ def validate(cfg: Config, where: str = "config") -> Config:
         value = get(key)
         if not rule(value):
             raise ValueError(f"{where}: {key} {msg}, got {value!r}")
+    for stage in ("stage1", "stage2"):
+        if get(f"{stage}.train_all"):
+            raise ValueError(
+                f"{where}: {stage}.train_all applies to stage 3 only (stage 1 trains every "
+                "layer, stage 2 the extension alone)"
+            )
     d = cfg.data
     if d.val_fraction > 0 and d.val not in (None, d.train):
         raise ValueError(

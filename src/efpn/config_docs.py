@@ -285,6 +285,15 @@ SECTIONS: list[tuple[str, str, list[tuple[str, str, str]]]] = [
                 "stage 3 also trains the extension (FTT, C'2 lateral, P'2 conv), as the authors' code.",
             ],
             [
+                "`train_all`",
+                "`false`",
+                "stage 3 trains the whole detector (backbone, pyramid, extension, RPN and both "
+                "box heads, batch norm kept frozen) on every loss, not only the P'2 head: not "
+                "in the paper; the FPN keeps learning while the extension does, as an FPN "
+                "trained for the same epochs would. With a merge other than `exclusive` the "
+                "original head also trains on small RoIs, which it scores at inference.",
+            ],
+            [
                 "`init`",
                 "`null`",
                 "checkpoint to start the stage from (stage 1: a trained detector, e.g. torchvision's; later stages default to the previous stage's `best.pt`).",

@@ -110,6 +110,10 @@ PRESETS: dict[str, Any] = {
     "duplicate": {"model.merge": "duplicate"},
     "gated": {"model.merge": "gated"},
     "fused": {"model.merge": "fused"},
+    # not in the paper: stage 3 trains the whole detector on every loss, so that the FPN
+    # keeps learning for the epochs the extension trains (against `fpn_longer`)
+    "joint": {"stage3.train_all": True},
+    "joint_fused": {"stage3.train_all": True, "model.merge": "fused"},
 }
 
 
@@ -506,6 +510,9 @@ def training_key(cfg: Config) -> str:
         for part in parents:
             node = node[part]
         node.pop(last, None)
+    if cfg.stage3.train_all and cfg.model.merge != "exclusive":
+        # joint training then trains the original head on small RoIs as well
+        d["original_head_on_small_rois"] = True
     return json.dumps(d, sort_keys=True)
 
 

@@ -291,7 +291,8 @@ class StageLoss(nn.Module):
 
     Stage 1: every Faster R-CNN loss. Stage 2: Eq. (5) distillation (or, with
     distillation off, the small head's detection loss). Stage 3: the small head's
-    detection loss (OHEM when configured).
+    detection loss (OHEM when configured), or with ``stage3.train_all`` every loss of
+    both heads and the RPN.
     """
 
     def __init__(self, model: nn.Module, stage: int, cfg: Config) -> None:
@@ -299,6 +300,7 @@ class StageLoss(nn.Module):
         self.model = model
         self.stage = stage
         self.distill = cfg.distill
+        self.train_all = stage == 3 and cfg.stage3.train_all
 
     def forward(self, images, targets) -> dict[str, torch.Tensor]:
         if self.stage == 2 and self.distill.enabled:
@@ -326,8 +328,8 @@ class StageLoss(nn.Module):
             )
             return {"loss": terms["loss_distill"], **terms}
         losses = self.model(images, targets)
-        if self.stage == 1:
-            keys = [k for k in losses if not k.endswith("_small")]
+        if self.stage == 1 or self.train_all:
+            keys = [k for k in losses if self.stage != 1 or not k.endswith("_small")]
         else:
             keys = ["loss_classifier_small", "loss_box_reg_small"]
         return {"loss": sum(losses[k] for k in keys), **losses}
@@ -343,6 +345,8 @@ def _freeze_for_stage(
         if not cfg.distill.enabled:  # the extension learns from the detection loss alone
             prefixes += ["roi_heads.small_box_head.", "roi_heads.small_box_predictor."]
         return freeze_all_but_new_modules(model, prefixes)
+    if stage_cfg.train_all:  # every layer stage 1 trained, and the extension
+        return [n for n, p in model.named_parameters() if p.requires_grad]
     prefixes = ["roi_heads.small_box_head.", "roi_heads.small_box_predictor."]
     if stage_cfg.unfreeze_extension:
         prefixes.append("backbone.extension.")
@@ -517,6 +521,7 @@ class Trainer:
         if stage == 3:
             model.roi_heads.ohem = scfg.ohem
             model.roi_heads.ohem_batch_size_per_image = scfg.ohem_batch_size_per_image
+            model.roi_heads.original_on_small = scfg.train_all and cfg.model.merge != "exclusive"
         trainable = _freeze_for_stage(model, stage, cfg, scfg)
         if self.distributed and cfg.model.sync_bn:
             if self.device.type == "cpu":  # torch's SyncBatchNorm runs on accelerators only

@@ -117,6 +117,9 @@ class EFPNRoIHeads(RoIHeads):
         self.ohem_positive_fraction = ohem_positive_fraction
         self.sampling_ratio = sampling_ratio
         self.output_size = self.box_roi_pool.output_size
+        #: train the original head on every sampled RoI, small ones included (joint
+        #: training with a merge that scores small RoIs through both heads)
+        self.original_on_small = False
 
     @property
     def extended(self) -> bool:
@@ -230,9 +233,14 @@ class EFPNRoIHeads(RoIHeads):
             return [x[m] if want_small else x[~m] for x, m in zip(items, small, strict=False)]
 
         losses: dict[str, Tensor] = {}
-        logits, deltas = self.original_predict(features, part(sampled, False), image_shapes)
+        if self.original_on_small:  # it scores small RoIs at inference too
+            rois, roi_labels, roi_targets = sampled, labels, regression_targets
+        else:
+            rois, roi_labels = part(sampled, False), part(labels, False)
+            roi_targets = part(regression_targets, False)
+        logits, deltas = self.original_predict(features, rois, image_shapes)
         losses["loss_classifier"], losses["loss_box_reg"] = _branch_loss(
-            logits, deltas, part(labels, False), part(regression_targets, False)
+            logits, deltas, roi_labels, roi_targets
         )
         if not self.ohem:
             logits, deltas = self.small_predict(features, part(sampled, True), image_shapes)
