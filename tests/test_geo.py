@@ -124,6 +124,28 @@ def test_predict_save_geojson(trained_run, tmp_path, capsys):
     per_scene = {p.name: json.loads(p.read_text()) for p in (out2 / "geojson").glob("*.geojson")}
     assert set(per_scene) == {"a.geojson", "b.geojson"}
     assert per_scene["b.geojson"]["crs"]["properties"]["name"].endswith("EPSG::32632")
+    # --geojson-crs wgs84: both scenes in one RFC 7946 file, in longitudes and latitudes
+    out_wgs84 = tmp_path / "out_wgs84"
+    flags = ["--save-geojson", "--geojson-crs", "wgs84", "--quiet"]
+    assert main([*args, "--out", str(out_wgs84), *flags]) == 0
+    lonlat = json.loads((out_wgs84 / "predictions.geojson").read_text())
+    assert "crs" not in lonlat
+    by_scene = {name: per_scene[name]["features"] for name in ("a.geojson", "b.geojson")}
+    assert len(lonlat["features"]) == sum(map(len, by_scene.values()))
+    # the scenes' corner (easting 500000) lies on their zones' central meridians: 15 and
+    # 9 degrees east; each polygon is the scene's polygon mapped to WGS 84
+    from pyproj import Transformer
+
+    features = iter(lonlat["features"])
+    for name, epsg, meridian in (("a.geojson", 32633, 15.0), ("b.geojson", 32632, 9.0)):
+        to_wgs84 = Transformer.from_crs(epsg, 4326, always_xy=True)
+        for projected in by_scene[name]:
+            ring = next(features)["geometry"]["coordinates"][0]
+            assert all(abs(lon - meridian - 0.005) < 0.006 and 36 < lat < 36.2 for lon, lat in ring)
+            expected = [
+                to_wgs84.transform(x, y) for x, y in projected["geometry"]["coordinates"][0]
+            ]
+            np.testing.assert_allclose(sorted(ring), sorted(expected), atol=1e-9)
     # a world file without a side file naming the CRS: said, as the GeoJSON cannot say it
     (scenes / "b.tif").unlink()
     Image.new("RGB", (96, 64), (90, 90, 90)).save(scenes / "w.png")
@@ -348,3 +370,15 @@ def test_world_file_tiles_name_their_crs_in_a_gdal_side_file(tmp_path):
     # without a side file, a world file names no CRS
     (tmp_path / "tile.png.aux.xml").unlink()
     assert georeference(tile).epsg is None
+
+
+def test_wgs84_output_without_pyproj_is_refused_before_inference(tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pyproj", None)
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    args = ["predict", "--weights", str(tmp_path / "none.pt"), "--source", str(tmp_path / "a.png")]
+    code = main([*args, "--out", str(tmp_path / "out"), "--save-geojson", "--geojson-crs", "wgs84"])
+    err = capsys.readouterr().err
+    assert code != 0 and "--geojson-crs wgs84 needs pyproj: pip install pyproj" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1

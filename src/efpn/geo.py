@@ -17,6 +17,7 @@ __all__ = [
     "GeoReference",
     "box_feature",
     "crs_transformer",
+    "features_to_wgs84",
     "geojson_epsg",
     "georeference",
     "write_geojson",
@@ -260,6 +261,28 @@ def crs_transformer(source_epsg: int, target_epsg: int):
         return np.stack([np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)], axis=1)
 
     return transform
+
+
+def features_to_wgs84(features: list[dict], epsg: int) -> list[dict]:
+    """Polygon features in EPSG:``epsg`` as WGS 84 longitudes and latitudes (RFC 7946's
+    coordinates; rings kept counterclockwise). Needs pyproj: raises :class:`ValueError`
+    without it."""
+    if epsg == 4326:
+        return features
+    transform = crs_transformer(epsg, 4326)
+    if transform is None:
+        raise ValueError("WGS 84 output needs pyproj: pip install pyproj (or efpn[geo])")
+    import numpy as np
+
+    out = []
+    for feature in features:
+        rings = []
+        for ring in feature["geometry"]["coordinates"]:
+            lonlat = transform(np.asarray(ring, dtype=float)).tolist()
+            area = sum(p[0] * q[1] - q[0] * p[1] for p, q in zip(lonlat, lonlat[1:]))
+            rings.append(lonlat[::-1] if area < 0 else lonlat)
+        out.append({**feature, "geometry": {**feature["geometry"], "coordinates": rings}})
+    return out
 
 
 def write_geojson(path: str | Path, features: list[dict], epsg: int | None) -> Path:

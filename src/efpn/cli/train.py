@@ -364,6 +364,14 @@ def _add_predict(sub) -> None:
         "file) as map polygons, predictions.geojson",
     )
     p.add_argument(
+        "--geojson-crs",
+        choices=("scene", "wgs84"),
+        default="scene",
+        help="with --save-geojson: the scene's own CRS (named in the file's crs member), or "
+        "WGS 84 longitudes and latitudes as RFC 7946 has it, one file for scenes of any CRS "
+        "(needs pyproj: pip install 'efpn[geo]')",
+    )
+    p.add_argument(
         "--no-draw",
         action="store_true",
         help="write no drawings, only the results (saves writing a PNG per image)",
@@ -454,6 +462,7 @@ def _cmd_predict(args) -> int:
         save_txt=args.save_txt,
         save_conf=args.save_conf,
         save_geojson=args.save_geojson,
+        geojson_crs=args.geojson_crs,
         draw=not args.no_draw,
     )
     if not args.quiet and not args.no_draw:

@@ -17,7 +17,7 @@ from ..data.dataset import load_rgb
 from ..data.formats import IMAGE_SUFFIXES, files_in, read_dataset
 from ..data.records import DataError
 from ..data.scene import ArrayScene, Scene, TiffScene, open_scene
-from ..geo import box_feature, georeference, write_geojson
+from ..geo import box_feature, crs_transformer, features_to_wgs84, georeference, write_geojson
 from ..viz import draw_detections
 from .train import detector_from_file
 
@@ -129,8 +129,11 @@ def _features(ref, output: dict, path: Path, source: Path, classes, cat_ids, sco
     ]
 
 
-def _write_scenes(out: Path, scenes, missing: list[Path], drawings: dict, quiet: bool) -> None:
-    """``predictions.geojson`` when every scene has one CRS, else one file per scene."""
+def _write_scenes(
+    out: Path, scenes, missing: list[Path], drawings: dict, quiet: bool, wgs84: bool = False
+) -> None:
+    """``predictions.geojson`` when every scene has one CRS (or all are mapped to WGS 84),
+    else one file per scene."""
     if missing:
         print(
             f"--save-geojson: {len(missing)} image(s) carry no georeference (GeoTIFF tags or "
@@ -141,7 +144,20 @@ def _write_scenes(out: Path, scenes, missing: list[Path], drawings: dict, quiet:
     if not scenes:
         return
     unnamed = [p for p, epsg, _ in scenes if epsg is None]
-    if unnamed:
+    if unnamed and wgs84:
+        print(
+            f"--geojson-crs wgs84: {len(unnamed)} scene(s) name no CRS to map from and are "
+            f"left out (a world file without a GDAL side file {Path(unnamed[0]).name}.aux.xml,"
+            f" or a GeoTIFF of a user-defined CRS; first: {unnamed[0]})",
+            file=sys.stderr,
+            flush=True,
+        )
+        scenes = [(p, epsg, fs) for p, epsg, fs in scenes if epsg is not None]
+        if not scenes:
+            return
+    if wgs84:
+        scenes = [(p, 4326, features_to_wgs84(fs, epsg)) for p, epsg, fs in scenes]
+    elif unnamed:
         print(
             f"--save-geojson: {len(unnamed)} scene(s) name no CRS (a world file without a "
             f"GDAL side file {Path(unnamed[0]).name}.aux.xml, or a GeoTIFF of a user-defined "
@@ -188,6 +204,7 @@ def predict(
     save_txt: bool = False,
     save_conf: bool = False,
     save_geojson: bool = False,
+    geojson_crs: str = "scene",
     draw: bool = True,
 ) -> Path:
     """Detect objects in ``source`` (an image or a folder) with a checkpoint.
@@ -210,13 +227,18 @@ def predict(
     ``save_geojson`` writes the boxes at ``score_thresh`` or above of georeferenced
     scenes (GeoTIFF tags or a world file, :func:`efpn.geo.georeference`) as map polygons,
     ``out/predictions.geojson``, or one file per scene in ``out/geojson/`` when the scenes'
-    CRSs differ; scenes without a georeference are counted and named. ``draw=False``
-    writes no drawings.
+    CRSs differ; scenes without a georeference are counted and named. ``geojson_crs``
+    ``"wgs84"`` maps them to WGS 84 longitudes and latitudes instead (RFC 7946; one file
+    for scenes of any CRS; needs pyproj). ``draw=False`` writes no drawings.
     """
     from ..slicing import predict_sliced
 
     if batch_size < 1:
         raise ValueError(f"--batch-size must be 1 or more, got {batch_size}")
+    if geojson_crs not in ("scene", "wgs84"):
+        raise ValueError(f"--geojson-crs must be scene or wgs84, got {geojson_crs!r}")
+    if save_geojson and geojson_crs == "wgs84" and crs_transformer(4326, 4326) is None:
+        raise ValueError("--geojson-crs wgs84 needs pyproj: pip install pyproj (or efpn[geo])")
     model, ckpt = detector_from_file(weights, device, **(model_overrides or {}))
     classes, cat_ids = ckpt["classes"], ckpt["category_ids"]
     out = Path(out)
@@ -359,7 +381,7 @@ def predict(
     if save_txt:
         (out / "classes.txt").write_text("\n".join(classes) + "\n")
     if save_geojson:
-        _write_scenes(out, scenes, not_georeferenced, drawings, quiet)
+        _write_scenes(out, scenes, not_georeferenced, drawings, quiet, geojson_crs == "wgs84")
     if skipped:
         print(
             f"{source}: skipped {skipped} of {len(paths)} image(s) that could not be read "
