@@ -67,16 +67,31 @@ def test_stage2_leaves_frozen_parts_unchanged(tmp_path, tiny_cfg):
     assert changed_new
 
 
+@pytest.fixture(scope="module")
+def fused_stage2_run(tmp_path_factory):
+    """A tiny run with the fused merge trained through stages 1-2."""
+    from conftest import write_tiny_config
+    from efpn.config import load_config
+
+    root = tmp_path_factory.mktemp("fused")
+    cfg = load_config(write_tiny_config(root, **{"model.merge": "fused"}))
+    trainer = Trainer(cfg, root / "run", quiet=True)
+    trainer.run_stage(1)
+    trainer.run_stage(2)
+    return root / "run"
+
+
 @pytest.mark.parametrize("train_all", [False, True])
 def test_stage3_trains_the_p2_head_or_with_train_all_every_layer(
-    tmp_path, tiny_cfg, monkeypatch, train_all
+    tmp_path, tiny_cfg, monkeypatch, fused_stage2_run, train_all
 ):
+    import shutil
+
     from efpn.models.heads import EFPNRoIHeads, small_roi_mask
 
     cfg = tiny_cfg(**{"stage3.train_all": train_all, "model.merge": "fused"})
+    shutil.copytree(fused_stage2_run, tmp_path / "run")
     trainer = Trainer(cfg, tmp_path / "run", quiet=True)
-    trainer.run_stage(1)
-    trainer.run_stage(2)
     seen_small = []
     original_predict = EFPNRoIHeads.original_predict
 
