@@ -280,6 +280,12 @@ _OPTIM_RULES = [
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
+def original_head_on_small_rois(cfg: Config) -> bool:
+    """Whether stage 3 trains the original box head on small RoIs too: in joint training
+    (``stage3.train_all``) with a merge that scores small RoIs through both heads."""
+    return cfg.stage3.train_all and cfg.model.merge != "exclusive"
+
+
 def validate(cfg: Config, where: str = "config") -> Config:
     """Check the values of a recipe; the error names the key."""
 

@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from .data.records import DataError
 
 __all__ = [
@@ -255,8 +257,6 @@ def crs_transformer(source_epsg: int, target_epsg: int):
         raise ValueError(f"cannot map EPSG:{source_epsg} to EPSG:{target_epsg}: {e}") from None
 
     def transform(xy):
-        import numpy as np
-
         xs, ys = transformer.transform(xy[:, 0], xy[:, 1])
         return np.stack([np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)], axis=1)
 
@@ -272,8 +272,6 @@ def features_to_wgs84(features: list[dict], epsg: int) -> list[dict]:
     transform = crs_transformer(epsg, 4326)
     if transform is None:
         raise ValueError("WGS 84 output needs pyproj: pip install pyproj (or efpn[geo])")
-    import numpy as np
-
     out = []
     for feature in features:
         rings = []

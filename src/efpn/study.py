@@ -49,6 +49,7 @@ from .config import (
     apply_overrides,
     config_from_dict,
     load_config,
+    original_head_on_small_rois,
     parse_override,
 )
 from .console import stamped
@@ -510,8 +511,7 @@ def training_key(cfg: Config) -> str:
         for part in parents:
             node = node[part]
         node.pop(last, None)
-    if cfg.stage3.train_all and cfg.model.merge != "exclusive":
-        # joint training then trains the original head on small RoIs as well
+    if original_head_on_small_rois(cfg):  # the merge then changes what training does
         d["original_head_on_small_rois"] = True
     return json.dumps(d, sort_keys=True)
 

@@ -453,11 +453,6 @@ def _orient(arr: np.ndarray, orientation: int) -> np.ndarray:
     }[orientation](arr)
 
 
-def codec_hint(error: Exception) -> str:
-    """What to do when tifffile finds no codec for a TIFF's compression."""
-    return " (pip install -U imagecodecs)" if "imagecodecs" in str(error) else ""
-
-
 def read_tiff_rgb(path: str | Path, sliced: bool = False, upright: bool = True) -> np.ndarray:
     """Read a TIFF's first image with tifffile as :func:`load_rgb` does (bands, stretch,
     orientation), decoding its compression with imagecodecs."""
@@ -469,7 +464,8 @@ def read_tiff_rgb(path: str | Path, sliced: bool = False, upright: bool = True) 
         try:
             arr = page.asarray()
         except Exception as e:  # missing codec, truncated strips
-            raise DataError(f"{path}: cannot decode image: {e}{codec_hint(e)}") from None
+            hint = " (pip install -U imagecodecs)" if "imagecodecs" in str(e) else ""
+            raise DataError(f"{path}: cannot decode image: {e}{hint}") from None
         if page.axes.startswith("S"):
             arr = np.moveaxis(arr, 0, -1)
         elif arr.ndim == 2:

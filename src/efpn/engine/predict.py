@@ -144,28 +144,24 @@ def _write_scenes(
     if not scenes:
         return
     unnamed = [p for p, epsg, _ in scenes if epsg is None]
-    if unnamed and wgs84:
-        print(
-            f"--geojson-crs wgs84: {len(unnamed)} scene(s) name no CRS to map from and are "
-            f"left out (a world file without a GDAL side file {Path(unnamed[0]).name}.aux.xml,"
-            f" or a GeoTIFF of a user-defined CRS; first: {unnamed[0]})",
-            file=sys.stderr,
-            flush=True,
-        )
-        scenes = [(p, epsg, fs) for p, epsg, fs in scenes if epsg is not None]
-        if not scenes:
-            return
-    if wgs84:
-        scenes = [(p, 4326, features_to_wgs84(fs, epsg)) for p, epsg, fs in scenes]
-    elif unnamed:
+    if unnamed:
         print(
             f"--save-geojson: {len(unnamed)} scene(s) name no CRS (a world file without a "
             f"GDAL side file {Path(unnamed[0]).name}.aux.xml, or a GeoTIFF of a user-defined "
-            f"CRS; first: {unnamed[0]}): their polygons are in the scene's map units with no "
-            "crs member, which GIS tools take for WGS 84; set the layer's CRS when you open it",
+            f"CRS; first: {unnamed[0]}): "
+            + (
+                "left out of the WGS 84 output, with no CRS to map from"
+                if wgs84
+                else "their polygons are in the scene's map units with no crs member, which "
+                "GIS tools take for WGS 84; set the layer's CRS when you open it"
+            ),
             file=sys.stderr,
             flush=True,
         )
+    if wgs84:
+        scenes = [(p, 4326, features_to_wgs84(fs, e)) for p, e, fs in scenes if e is not None]
+        if not scenes:
+            return
     crs = {epsg for _, epsg, _ in scenes}
     if len(crs) == 1:
         written = write_geojson(

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Sampler
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from ..config import Config, StageConfig
+from ..config import Config, StageConfig, original_head_on_small_rois
 from ..console import stamped
 from ..data import (
     AugmentConfig,
@@ -328,8 +328,10 @@ class StageLoss(nn.Module):
             )
             return {"loss": terms["loss_distill"], **terms}
         losses = self.model(images, targets)
-        if self.stage == 1 or self.train_all:
-            keys = [k for k in losses if self.stage != 1 or not k.endswith("_small")]
+        if self.train_all:
+            keys = list(losses)
+        elif self.stage == 1:
+            keys = [k for k in losses if not k.endswith("_small")]
         else:
             keys = ["loss_classifier_small", "loss_box_reg_small"]
         return {"loss": sum(losses[k] for k in keys), **losses}
@@ -521,7 +523,7 @@ class Trainer:
         if stage == 3:
             model.roi_heads.ohem = scfg.ohem
             model.roi_heads.ohem_batch_size_per_image = scfg.ohem_batch_size_per_image
-            model.roi_heads.original_on_small = scfg.train_all and cfg.model.merge != "exclusive"
+            model.roi_heads.original_on_small = original_head_on_small_rois(cfg)
         trainable = _freeze_for_stage(model, stage, cfg, scfg)
         if self.distributed and cfg.model.sync_bn:
             if self.device.type == "cpu":  # torch's SyncBatchNorm runs on accelerators only
